@@ -77,9 +77,9 @@ def test_skip_and_empty_lists_change_nothing(bank):
     [
         (Update(S, "S9", "x"), "no entry with id 'S9'"),
         (Update(E, "S1", "x"), "is semantic memory, not episodic"),
-        (Update(S, "E2", "x"), "retired (merged into E4)"),
+        (Update(E, "E2", "x"), "retired (merged into E4)"),
         (Merge(E, ("E2", "E3"), "x"), "retired"),
-        (Merge(E, ("E3", "S1"), "x"), "is semantic memory, not episodic"),
+        (Merge(E, ("E4", "S1"), "x"), "is semantic memory, not episodic"),
         (Merge(S, ("S1", "S1x"), "x"), "MERGE is not allowed for semantic"),
         (CoreReplace("Bob", "Rob"), "does not occur in core memory"),
     ],
@@ -104,10 +104,10 @@ def test_skip_invalid_applies_the_rest_and_reports(bank):
 
 def test_operations_in_one_batch_see_each_other(bank):
     # UPDATE of an entry created earlier in the batch, then MERGE of it
-    r = bank.apply([Add(E, "a"), Update(E, "E1", "a2"), Add(E, "b"), Merge(E, ("E1", "E3"), "ab")])
-    assert r.created == ("E4",) and r.retired == () and r.updated == ()
+    r = bank.apply([Add(E, "a"), Update(E, "E1", "a2"), Add(E, "b"), Merge(E, ("E1", "E2"), "ab")])
+    assert r.created == ("E3",) and r.retired == () and r.updated == ()
     assert [(e.id, e.status) for e in bank.entries(include_retired=True)] == [
-        ("E1", Status.RETIRED), ("E3", Status.RETIRED), ("E4", Status.ACTIVE)
+        ("E1", Status.RETIRED), ("E2", Status.RETIRED), ("E3", Status.ACTIVE)
     ]
     assert bank.get("E1").text == "a2"
 
@@ -180,10 +180,10 @@ def test_snapshot_restore_is_exact_and_ids_continue(bank, store, clock):
     bank.apply([Add(E, "a", "2023-01-01"), CoreAppend("core"), Add(S, "s")], session_id="s1")
     state = bank.snapshot()
     bank.apply([Merge(E, ("E1", "E9"), "m")], skip_invalid=True)  # rejected: E9 missing
-    bank.apply([Update(S, "S3", "changed"), Add(P, "p"), CoreRewrite("new core")])
+    bank.apply([Update(S, "S2", "changed"), Add(P, "p"), CoreRewrite("new core")])
     bank.restore(state)
     assert bank.snapshot() == state
-    assert bank.apply([Add(S, "after")]).created == ("S4",)  # the id counter was restored too
+    assert bank.apply([Add(S, "after")]).created == ("S3",)  # the id counter was restored too
     # a state restored under another owner in another store behaves identically
     from membuilder.store import InMemoryStore
 
