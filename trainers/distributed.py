@@ -1,0 +1,129 @@
+"""Distributed setup: an Accelerator with FSDP2 on GPU and on CPU, full state dicts, clean exit.
+
+On GPU, FSDP2 comes from Accelerate's own plugin (`fsdp_version=2`, each decoder layer its own
+fully sharded unit, bf16 mixed precision). On a CPU-only machine Accelerate never turns FSDP on
+by itself (`Accelerator(cpu=True)` under several processes gives DDP over gloo), so
+`_enable_fsdp2_on_cpu` switches the already created state to FSDP; `Accelerator.prepare` then
+shards with `fully_shard` over the gloo group as it does on GPUs. The tests rely on this path.
+
+Full state dicts come from `torch.distributed.checkpoint.state_dict.get_model_state_dict`:
+`Accelerator.get_state_dict` was seen returning wrong values for FSDP2 on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+from accelerate.utils import DistributedType
+from torch import Tensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from trainers.config import DistributedConfig
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_precision(cfg: DistributedConfig) -> str:
+    """Accelerate's `mixed_precision` value: "bf16" or "no"."""
+    if cfg.precision == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "no"
+    return cfg.precision
+
+
+def fsdp2_plugin(cfg: DistributedConfig, activation_checkpointing: bool = False) -> FullyShardedDataParallelPlugin:
+    """FSDP2 plugin: decoder layers (or `cfg.wrap_class`) each a fully sharded unit."""
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        # None lets Accelerate take the model's `_no_split_modules` (its decoder layer class).
+        transformer_cls_names_to_wrap=[cfg.wrap_class] if cfg.wrap_class else None,
+        reshard_after_forward=cfg.reshard_after_forward,
+        activation_checkpointing=activation_checkpointing,
+        # Our checkpoints gather full state dicts themselves (`full_state_dict`).
+        state_dict_type="SHARDED_STATE_DICT",
+    )
+
+
+def _enable_fsdp2_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
+    """Turn a multi-process CPU Accelerator (gloo) into an FSDP2 one.
+
+    Accelerate only selects FSDP for GPU-like devices; the sharding itself (`fully_shard` over
+    the default process group) works on CPU tensors with gloo. Must run right after the
+    Accelerator is created and before `prepare`.
+    """
+    if accelerator.num_processes < 2 or dist.get_backend() != "gloo":
+        raise RuntimeError("FSDP2 on CPU needs several processes in a gloo process group")
+    state = accelerator.state
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    state.device = torch.device("cpu")
+    # AcceleratorState mirrors its distributed type into PartialState at the end of its own
+    # init, and every later `AcceleratorState()` (Accelerate builds one per prepared optimizer)
+    # copies PartialState's values back; without the mirror FSDP would silently revert to DDP.
+    PartialState().distributed_type = DistributedType.FSDP
+
+
+def make_accelerator(cfg: DistributedConfig, activation_checkpointing: bool = False) -> Accelerator:
+    """An Accelerator for `cfg`: FSDP2 when `cfg.fsdp` and several processes, else DDP or none.
+
+    `activation_checkpointing` is applied by the FSDP plugin (per decoder layer) under FSDP;
+    without FSDP the caller enables the model's own gradient checkpointing instead.
+    """
+    precision = resolve_precision(cfg)
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and precision != "no":
+        raise ValueError(f"distributed.precision={cfg.precision!r} needs a CUDA GPU; use 'no' or 'auto' on CPU")
+    plugin = fsdp2_plugin(cfg, activation_checkpointing) if cfg.fsdp else None
+    if on_cpu:
+        accelerator = Accelerator(cpu=True, mixed_precision=precision)
+        if plugin is not None and accelerator.num_processes > 1:
+            _enable_fsdp2_on_cpu(accelerator, plugin)
+    else:
+        accelerator = Accelerator(mixed_precision=precision, fsdp_plugin=plugin)
+    if cfg.fsdp and not accelerator.is_fsdp2:
+        logger.warning("distributed.fsdp is set but only one process runs: training without sharding")
+    return accelerator
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The model's full (unsharded) state dict on CPU, on rank 0; `{}` on the other ranks.
+
+    A collective under FSDP/DDP: every rank must call it. Keys are the plain module names
+    (no FSDP or checkpoint-wrapper prefixes), as `from_pretrained` expects.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(value: Tensor) -> Tensor:
+    """Sum of `value` over processes (a new tensor; unchanged when not distributed)."""
+    out = value.clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def shutdown() -> None:
+    """Barrier, then destroy the process group.
+
+    Without it two-process gloo runs sometimes aborted at interpreter exit ("terminate called
+    without an active exception") after finishing their work.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,336 @@
+"""Supervised fine-tuning on chat-format (prompt messages, target) pairs.
+
+Objective: the mean negative log-likelihood of the target tokens (the assistant turn up to and
+including its end-of-turn token), averaged over all target tokens of the global batch, i.e. of
+all micro-batches of all processes of one optimizer step. Prompt tokens carry no loss. Each
+micro-batch's summed token loss is divided by that global token count (all-reduced before the
+step), so the gradient is the same whatever the split into processes and accumulation steps;
+a per-micro-batch mean would weight short examples more whenever batches hold different numbers
+of target tokens.
+
+Optimizer AdamW, learning rate linear warmup then cosine decay to `min_lr_ratio * lr`, global
+gradient-norm clipping. Batches are length-grouped (no packing, see `trainers.sft_data`).
+Full fine-tuning or LoRA (peft); FSDP2 over several processes, also on CPU (gloo).
+
+Run:
+    python trainers/sft.py                                   # tiny model, built-in pairs, CPU
+    python trainers/sft.py --config sft.toml --data pairs.jsonl optim.lr=5e-7 train.epochs=10
+    accelerate launch trainers/sft.py --config sft.yaml
+    accelerate launch --multi_gpu --num_processes 2 trainers/sft.py distributed.fsdp=true
+    python trainers/sft.py --resume latest                   # continue from the latest checkpoint
+
+(`--multi_gpu` is Accelerate's flag for "start several processes"; it works on CPU-only machines.)
+From Python: `SFTTrainer(cfg).train()` or `train(cfg)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as `python trainers/sft.py`: put the repository root, not trainers/, first on the path.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from trainers.checkpoint import TrainState, latest_checkpoint, load_checkpoint, load_policy, save_checkpoint
+from trainers.config import ConfigError, OptimConfig, SFTConfig, format_config, load_config, save_config
+from trainers.distributed import all_reduce_sum, barrier, make_accelerator, shutdown
+from trainers.metrics import MetricsLogger, progress_bar
+from trainers.sft_data import (
+    BUILTIN_PAIRS,
+    IGNORE_INDEX,
+    SFTPair,
+    collate,
+    epoch_batches,
+    micro_batches,
+    read_pairs,
+    tokenize_pairs,
+)
+from trainers.tiny import save_tiny_policy
+
+logger = logging.getLogger(__name__)
+
+
+def target_nll_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed next-token NLL over positions whose label is not IGNORE_INDEX (a 0-dim fp32 tensor).
+
+    logits: [B, T, V] model outputs; labels: [B, T] token ids (IGNORE_INDEX on prompt/padding).
+    The prediction at position t is scored against the label at t + 1.
+    """
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (all of them, or the LoRA adapter).
+
+    Weight decay applies to matrices only; norm weights and biases (1-D) are not decayed.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+@dataclass
+class SFTResult:
+    losses: list[float] = field(default_factory=list)  # global target-token mean loss per step
+    state: TrainState = field(default_factory=TrainState)
+    checkpoint: Path | None = None  # the last checkpoint written
+
+
+class SFTTrainer:
+    """Sets up accelerator, model, data, optimizer and schedule from an `SFTConfig`; `train()` runs.
+
+    `pairs` replaces the configured data (the data file, or the built-in pairs).
+    """
+
+    def __init__(self, cfg: SFTConfig, pairs: list[SFTPair] | None = None):
+        self.cfg = cfg
+        acc = self.accelerator = make_accelerator(
+            cfg.distributed, activation_checkpointing=cfg.train.gradient_checkpointing
+        )
+        set_seed(cfg.train.seed)
+        self.output_dir = Path(cfg.checkpoint.output_dir)
+        self.checkpoints_dir = self.output_dir / "checkpoints"
+        resume = self._resume_path()
+        if acc.is_main_process:
+            print(format_config(cfg), flush=True)
+            save_config(cfg, self.output_dir / "trainer_config.json")
+
+        # Model and tokenizer; the weights come from the checkpoint when resuming.
+        self.base_path = self._base_model_path()
+        model, self.tokenizer = load_policy(self.base_path, cfg.model, cfg.lora, checkpoint=resume)
+        model.config.use_cache = False
+        if cfg.train.gradient_checkpointing and not acc.is_fsdp2:
+            # Under FSDP2 the plugin checkpoints each decoder layer instead.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        # Data.
+        if pairs is None:
+            pairs = read_pairs(cfg.data.path) if cfg.data.path else list(BUILTIN_PAIRS)
+        self.examples = tokenize_pairs(self.tokenizer, pairs, cfg.data.max_length, cfg.data.truncation)
+        self.global_batch_size = cfg.train.batch_size * acc.num_processes * cfg.train.grad_accum_steps
+        self.batches_per_epoch = math.ceil(len(self.examples) / self.global_batch_size)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.batches_per_epoch
+
+        # Optimizer and schedule; `prepare` shards the model (FSDP2) or wraps it (DDP).
+        self.torch_optimizer = build_optimizer(model, cfg.optim)
+        self.model, self.optimizer = acc.prepare(model, self.torch_optimizer)
+        self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            self.torch_optimizer,
+            num_warmup_steps=cfg.optim.warmup_steps,
+            num_training_steps=self.total_steps,
+            min_lr_rate=cfg.optim.min_lr_ratio,
+        )
+
+        self.state = TrainState(global_batch_size=self.global_batch_size)
+        if resume is not None:
+            self.state = load_checkpoint(
+                resume, model=self.unwrapped_model, optimizer=self.torch_optimizer, scheduler=self.scheduler
+            )
+            if self.state.global_batch_size != self.global_batch_size:
+                raise ValueError(
+                    f"{resume} was trained with a global batch of {self.state.global_batch_size} examples, this "
+                    f"run has {self.global_batch_size}; the position in the data would not carry over"
+                )
+        self.metrics = MetricsLogger(self.output_dir, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard)
+
+    # -- setup helpers ---------------------------------------------------------------------
+
+    def _resume_path(self) -> Path | None:
+        resume = self.cfg.checkpoint.resume
+        if resume is None:
+            return None
+        if resume == "latest":
+            found = latest_checkpoint(self.checkpoints_dir)
+            if found is None:
+                logger.warning("checkpoint.resume=latest: no checkpoint under %s, starting fresh", self.checkpoints_dir)
+            return found
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a checkpoint folder")
+        return path
+
+    def _base_model_path(self) -> Path:
+        if self.cfg.model.path is not None:
+            return Path(self.cfg.model.path)
+        path = self.output_dir / "base_model"
+        if self.accelerator.is_main_process and not (path / "config.json").is_file():
+            save_tiny_policy(path, seed=self.cfg.model.tiny_seed)
+        barrier()
+        return path
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The model without a DDP wrapper (FSDP2 models are their own module)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    # -- training --------------------------------------------------------------------------
+
+    def train_step(self, global_batch: list[int]) -> dict[str, float]:
+        """One optimizer step on a global batch of example indices; returns its metrics."""
+        acc, cfg = self.accelerator, self.cfg
+        parts = micro_batches(global_batch, acc.num_processes, acc.process_index, cfg.train.grad_accum_steps)
+        batches = [collate([self.examples[i] for i in part], self.tokenizer.pad_token_id) for part in parts]
+        local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        counts = all_reduce_sum(torch.tensor([local_targets, local_tokens], dtype=torch.float64, device=acc.device))
+        n_targets = counts[0].item()
+
+        nll_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        self.model.train()
+        for a, batch in enumerate(batches):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            last = a == len(batches) - 1
+            # Gradients are reduced across processes only on the last micro-batch.
+            with nullcontext() if last else acc.no_sync(self.model):
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                nll = target_nll_sum(logits, batch["labels"])
+                # DDP/FSDP average gradients over processes; multiplying by their number turns
+                # the average into the sum that the global token mean needs.
+                acc.backward(nll * (acc.num_processes / n_targets))
+            nll_sum += nll.detach().double()
+
+        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = all_reduce_sum(nll_sum).item() / n_targets
+        return {
+            "train/loss": loss,
+            "train/grad_norm": float(grad_norm),
+            "train/lr": lr,
+            "train/target_tokens": n_targets,
+            "train/tokens": counts[1].item(),
+        }
+
+    def train(self, stop_at: int | None = None) -> SFTResult:
+        """Train until `train.max_steps` / `train.epochs` are done, or until step `stop_at`.
+
+        Checkpoints every `checkpoint.every_steps` steps and where it stops.
+        """
+        cfg, state = self.cfg, self.state
+        end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
+        result = SFTResult(state=state)
+        bar = progress_bar(
+            self.total_steps, initial=state.step, enabled=self.accelerator.is_main_process and cfg.logging.progress_bar
+        )
+        while state.step < end:
+            batches = epoch_batches(
+                [len(e) for e in self.examples],
+                self.global_batch_size,
+                seed=cfg.train.seed,
+                epoch=state.epoch,
+                shuffle=cfg.data.shuffle,
+                group_by_length=cfg.data.group_by_length,
+            )
+            if state.batch_in_epoch >= len(batches):
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                continue
+            started = time.perf_counter()
+            metrics = self.train_step(batches[state.batch_in_epoch])
+            elapsed = time.perf_counter() - started
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.examples_seen += self.global_batch_size
+            state.target_tokens_seen += int(metrics["train/target_tokens"])
+            result.losses.append(metrics["train/loss"])
+            if state.step % cfg.logging.every_steps == 0 or state.step == end:
+                metrics["train/tokens_per_s"] = metrics["train/tokens"] / elapsed
+                metrics["train/epoch"] = state.epoch + state.batch_in_epoch / len(batches)
+                self.metrics.log(state.step, metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            every = cfg.checkpoint.every_steps
+            if (every > 0 and state.step % every == 0) or state.step == end:
+                result.checkpoint = self.save()
+        bar.close()
+        return result
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current state (every process must call it)."""
+        return save_checkpoint(
+            self.checkpoints_dir,
+            self.state,
+            model=self.unwrapped_model,
+            optimizer=self.torch_optimizer,
+            scheduler=self.scheduler,
+            tokenizer=self.tokenizer,
+            config=self.cfg,
+            lora_base_path=self.base_path,
+            save_merged=self.cfg.lora.save_merged,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def train(cfg: SFTConfig, pairs: list[SFTPair] | None = None) -> SFTResult:
+    """Run SFT to the end of `cfg`'s schedule (does not tear down the process group)."""
+    trainer = SFTTrainer(cfg, pairs)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def parse_args(argv: list[str] | None = None) -> SFTConfig:
+    parser = argparse.ArgumentParser(description="Supervised fine-tuning on chat (prompt, target) pairs.")
+    parser.add_argument("--config", help="JSON, TOML or YAML file with the config sections")
+    parser.add_argument("--data", help="JSONL file of pairs (same as data.path=...)")
+    parser.add_argument(
+        "--resume", metavar="DIR|latest", help="checkpoint folder to resume from, or 'latest' under the output dir"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=1e-4")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    try:
+        return load_config(SFTConfig, args.config, overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()
