@@ -84,6 +84,7 @@ class HashingEmbedder:
     n-grams of each word with boundary marks (0.25 each; `ngram=0` turns them off).
 
     Bucket = hash mod dim, sign = the hash's top bit. Identical on every machine and process.
+    A text without word characters (blank, or punctuation only) embeds to the zero vector.
     Character n-grams make inflections share features ("travel" / "travelling"), so related
     texts get a positive cosine even without an exact word in common.
     """

@@ -80,8 +80,8 @@ class SlotMap:
     def live(self) -> np.ndarray:  # [n_slots] bool view
         return self._live[: self.n_slots]
 
-    def allocate_many(self, keys: list[str]) -> int:
-        """Allocate consecutive slots for new, distinct keys; returns the first slot."""
+    def check_new(self, keys: list[str]) -> None:
+        """Raise unless `keys` are distinct non-empty strings not yet indexed."""
         for key in keys:
             check_key(key)
         if len(set(keys)) != len(keys):
@@ -89,6 +89,10 @@ class SlotMap:
         clash = [k for k in keys if k in self.slot_of]
         if clash:
             raise ValueError(f"keys already indexed (remove them first): {clash[:5]}")
+
+    def allocate_many(self, keys: list[str]) -> int:
+        """Allocate consecutive slots for new, distinct keys; returns the first slot."""
+        self.check_new(keys)
         start = len(self.keys)
         self._live = grow(self._live, start + len(keys), False)
         self._live[start : start + len(keys)] = True

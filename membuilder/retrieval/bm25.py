@@ -88,22 +88,29 @@ class BM25Core:
     def add_docs(self, token_lists: Iterable[Sequence[str]]) -> None:
         """Append documents at slots n_slots, n_slots + 1, ..."""
         term_id = self.term_id
+        n_terms = len(term_id)
         tids: list[int] = []
         tfs: list[int] = []
         counts: list[int] = []
         lens: list[int] = []
-        for tokens in token_lists:
-            bag = Counter(_check_tokens(tokens))
-            for term, tf in bag.items():
-                tid = term_id.get(term)
-                if tid is None:
-                    if not isinstance(term, str):
-                        raise TypeError(f"tokens must be str, got {term!r}")
-                    tid = term_id[term] = len(term_id)
-                tids.append(tid)
-                tfs.append(tf)
-            counts.append(len(bag))
-            lens.append(len(tokens))
+        try:
+            for tokens in token_lists:
+                bag = Counter(_check_tokens(tokens))
+                for term, tf in bag.items():
+                    tid = term_id.get(term)
+                    if tid is None:
+                        if not isinstance(term, str):
+                            raise TypeError(f"tokens must be str, got {term!r}")
+                        tid = term_id[term] = len(term_id)
+                    tids.append(tid)
+                    tfs.append(tf)
+                counts.append(len(bag))
+                lens.append(len(tokens))
+        except TypeError:
+            # Nothing else changed yet: forgetting the new terms undoes the call.
+            for term in [t for t, i in term_id.items() if i >= n_terms]:
+                del term_id[term]
+            raise
         self._ingest(
             np.asarray(tids, dtype=np.int64),
             np.asarray(tfs, dtype=np.int64),
@@ -265,7 +272,7 @@ class BM25Index:
     """Okapi BM25 over a changing set of keyed documents, equal to `rank_bm25.BM25Okapi`.
 
     `add(key, tokens)` / `remove(key)`; an updated document is `remove` then `add`. Scores are
-    those BM25Okapi gives when built on the live documents (in any order).
+    those BM25Okapi gives when built on the live documents (in any order). Not thread-safe.
     """
 
     def __init__(self, *, k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25) -> None:
@@ -292,8 +299,9 @@ class BM25Index:
         token_lists = [_check_tokens(t) for t in token_lists]
         if len(keys) != len(token_lists):
             raise ValueError(f"{len(keys)} keys but {len(token_lists)} token lists")
+        self._slots.check_new(keys)
+        self._core.add_docs(token_lists)  # validates the tokens; changes nothing if they fail
         self._slots.allocate_many(keys)
-        self._core.add_docs(token_lists)
 
     def remove(self, key: str) -> None:
         """Remove a document; KeyError if `key` is not indexed."""

@@ -228,9 +228,13 @@ class HybridIndex:
             wanted = [kinds] if isinstance(kinds, (str, Enum)) else list(kinds)
             if not wanted:
                 raise ValueError("kinds is empty; pass None to search every kind")
-            codes = sorted({kind_code(k) for k in wanted})
-            if len(codes) < len(KINDS):
-                mask &= np.isin(self._kind[:n], codes)
+            codes = {kind_code(k) for k in wanted}
+            if len(codes) == 1:
+                mask &= self._kind[:n] == codes.pop()
+            elif len(codes) < len(KINDS):
+                wanted_code = np.zeros(len(KINDS), dtype=bool)
+                wanted_code[list(codes)] = True
+                mask &= wanted_code[self._kind[:n]]
         if time_range is not None:
             if not isinstance(time_range, (tuple, list)) or len(time_range) != 2:
                 raise ValueError(f"time_range must be (start, end), got {time_range!r}")

@@ -103,6 +103,9 @@ def test_update_is_remove_then_add_and_errors_are_clear():
         index.remove("zzz")
     with pytest.raises(TypeError, match="tokenize"):
         index.add("d", "a raw string")
+    with pytest.raises(TypeError, match="tokens must be str"):
+        index.add_many(["d", "e"], [["newterm"], ["ok", 3]])
+    assert "d" not in index and len(index) == 3 and "newterm" not in index._core.term_id
     index.remove("a")
     index.add("a", ["red", "frog", "frog"])
     assert len(index) == 3 and "a" in index and "zzz" not in index
