@@ -13,6 +13,7 @@ cost of embedding a query and of embedding entries is measured separately on a s
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import statistics
@@ -109,6 +110,7 @@ def insert_all(bank: MemoryBank, corpus, batch: int, desc: str) -> float:
 
 
 def run(args) -> str:
+    load_start = os.getloadavg()[0]
     corpus = make_corpus(args.entries)
     queries = make_queries(args.queries)
     emb = HashingEmbedder(dim=384)
@@ -210,6 +212,8 @@ def run(args) -> str:
         (f"MiniLM entry embedding throughput ({len(sample)} entries, batch 64)", f"{len(sample) / t_st:,.0f} entries/s"),
     ]
     goal = "met" if p50 < 0.010 else "NOT met"
+    rows.append(("1-minute load average at start / end of the run (2 cores)",
+                 f"{load_start:.2f} / {os.getloadavg()[0]:.2f}"))
     return render(args, rows, goal, p50)
 
 
