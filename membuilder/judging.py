@@ -24,13 +24,13 @@ abstention is wrong. The same normalisation serves the retrieval-recall measure
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
+from membuilder.agents.parsing import find_json_object, strip_think
 from membuilder.datasets import NOT_ANSWERABLE, Question
 from membuilder.llm import LLMClient, LLMError
 
@@ -192,36 +192,6 @@ class JudgeOutputError(ValueError):
     """The judge model's output is not the agreed JSON verdict."""
 
 
-_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
-_FENCE = re.compile(r"```(?:json)?", re.I)
-
-
-def _first_json_object(text: str) -> str:
-    """The first balanced {...} of `text`, honouring JSON strings (braces inside them don't count)."""
-    start = text.find("{")
-    if start < 0:
-        raise JudgeOutputError("no JSON object in the output")
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        ch = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i + 1]
-    raise JudgeOutputError("unbalanced JSON object (output cut short?)")
-
-
 def parse_judge_output(raw: str) -> Verdict:
     """Strictly parse `{"verdict": "CORRECT"|"WRONG", "reason": str}`.
 
@@ -230,13 +200,10 @@ def parse_judge_output(raw: str) -> Verdict:
     """
     if not isinstance(raw, str):
         raise JudgeOutputError(f"judge output is a {type(raw).__name__}, not text")
-    text = _FENCE.sub("", _THINK.sub("", raw))
-    try:
-        obj = json.loads(_first_json_object(text))
-    except json.JSONDecodeError as exc:
-        raise JudgeOutputError(f"invalid JSON ({exc.msg})") from None
-    if not isinstance(obj, dict):
-        raise JudgeOutputError("the JSON value is not an object")
+    text, _ = strip_think(raw)
+    obj, _, error = find_json_object(text)  # the agents' parser: string-aware, fences skipped
+    if error is not None:
+        raise JudgeOutputError(error)
     keys = set(obj)
     if keys != {"verdict", "reason"}:
         raise JudgeOutputError(f"expected keys ['reason', 'verdict'], got {sorted(keys)}")

@@ -170,12 +170,13 @@ def test_parse_judge_output_repairs_only_fences_and_think_blocks():
 
 @pytest.mark.parametrize("raw,message", [
     ("CORRECT", "no JSON object"),
-    ('{"verdict": "CORRECT", "reason": "cut', "unbalanced"),
+    ('{"verdict": "CORRECT", "reason": "cut', "ends inside the JSON object"),
     ('{"verdict": "MAYBE", "reason": "r"}', "verdict must be"),
     ('{"verdict": "CORRECT"}', "expected keys"),
     ('{"verdict": "CORRECT", "reason": "r", "score": 1}', "expected keys"),
     ('{"verdict": "CORRECT", "reason": 3}', "reason must be a string"),
-    ("{'verdict': 'CORRECT'}", "invalid JSON"),
+    ("{'verdict': 'CORRECT'}", "no JSON object"),
+    ('{"verdict": "CORRECT", "reason": "r",}', "malformed"),
 ])
 def test_parse_judge_output_rejects(raw, message):
     with pytest.raises(JudgeOutputError, match=message):
