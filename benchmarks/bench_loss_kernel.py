@@ -1,0 +1,429 @@
+"""Peak memory and time of the policy loss's forward+backward: naive vs fused vs Liger, on CPU.
+
+    python -m benchmarks.bench_loss_kernel [--max-gib 6] [--repeats 3] [--out benchmarks/results/loss_kernel.md]
+
+Hidden size H = 576 (SmolLM2-135M); N completion tokens in sequences of 512; V = 49,152
+(SmolLM2) or 151,936 (Qwen3). All three paths compute the same loss (ADRPO / GRPO with
+per-sequence token mean, clip 0.2, beta 0.02 with precomputed reference log-probs, fp32):
+
+- naive: logits = h @ W.T in full, log_softmax, gather, `trainers.losses.policy_loss`, backward;
+- fused: `trainers.fused_loss.fused_policy_loss` (chunked over tokens, default chunk size);
+- liger: `liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss` (compiled=False, chunks of one
+  sequence), if the package is installed.
+
+Every run is one forward+backward in a fresh subprocess. Memory is the process's peak resident
+set (VmHWM) during the run minus its resident set once the inputs exist, so it counts
+everything the loss allocates, gradients of h and W included. A case whose estimated peak is over
+`--max-gib` is not started (other people share the machine); for the naive path such a case is
+extrapolated linearly in N from runs at N = 1,024 and 2,048 with the same V, and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+H = 576
+SEQ_LEN = 512
+CASES = [(4096, 49_152), (4096, 151_936), (16_384, 49_152), (16_384, 151_936)]
+SUBSET_NS = (1024, 2048)
+SWEEP_CASES = [(4096, 49_152), (2048, 151_936)]
+SWEEP_CHUNKS = [128, 256, 512, 1024, 2048]
+GRAD_N = 1024
+GIB = 2**30
+
+
+def _liger_available() -> bool:
+    try:
+        importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def estimate_bytes(method: str, n: int, vocab: int, chunk: int) -> int:
+    """Rough peak of what the loss allocates (float32), used only to refuse oversized runs.
+
+    naive: three [N, V] buffers live at once (logits, log_softmax output kept for backward, and
+    the gradient flowing back through them) plus grad W [V, H];
+    fused: at most two [chunk, V] buffers, float32 grad W twice (accumulator and returned gradient) and
+    grad h; liger: a handful of [512, V] buffers per sequence chunk plus its grad accumulators.
+    """
+    if method == "naive":
+        return 3 * n * vocab * 4 + vocab * H * 4 + n * H * 4
+    if method == "fused":
+        return 2 * chunk * vocab * 4 + 3 * vocab * H * 4 + 2 * n * H * 4
+    return 6 * SEQ_LEN * vocab * 4 + 3 * vocab * H * 4 + 2 * n * H * 4
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    # Writing 5 to clear_refs resets VmHWM to the current resident set (Linux >= 4.0).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _make_inputs(n: int, vocab: int, seed: int = 0):
+    import torch
+
+    from trainers.logprobs import token_logprobs
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, H, generator=g).requires_grad_(True)
+    weight = (torch.randn(vocab, H, generator=g) / H**0.5).requires_grad_(True)
+    ids = torch.randint(0, vocab, (n,), generator=g)
+    true_logp, _ = token_logprobs(hidden.detach(), weight.detach(), ids)
+    old = true_logp + 0.1 * torch.randn(n, generator=g)
+    ref = true_logp + 0.1 * torch.randn(n, generator=g)
+    adv = torch.randn(n // SEQ_LEN, generator=g)
+    return hidden, weight, ids, old, ref, adv
+
+
+def _loss_fn(method: str, chunk: int | None):
+    import torch
+
+    from trainers.fused_loss import fused_policy_loss
+    from trainers.logprobs import DEFAULT_CHUNK_SIZE
+    from trainers.losses import PolicyLossConfig, policy_loss
+
+    cfg = PolicyLossConfig(beta=0.02)
+
+    if method == "naive":
+
+        def run(hidden, weight, ids, old, ref, adv):
+            b = adv.shape[0]
+            logits = hidden @ weight.t()
+            logp = torch.log_softmax(logits, dim=-1).gather(1, ids[:, None]).view(b, -1)
+            mask = torch.ones_like(logp, dtype=torch.bool)
+            return policy_loss(logp, old.view(b, -1), adv, torch.ones(b), mask, cfg, ref.view(b, -1))[0]
+
+        return run
+    if method == "fused":
+
+        def run(hidden, weight, ids, old, ref, adv):
+            n, b = ids.shape[0], adv.shape[0]
+            seq = torch.arange(b).repeat_interleave(n // b)
+            ones = torch.ones(n)
+            mask = torch.ones(n, dtype=torch.bool)
+            return fused_policy_loss(
+                hidden, weight, ids, old, adv[seq], ones, mask, seq, b, cfg,
+                ref_logp=ref, chunk_size=chunk or DEFAULT_CHUNK_SIZE,
+            )[0]  # fmt: skip
+
+        return run
+
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    liger = LigerFusedLinearGRPOLoss(
+        beta=0.02, compiled=False, use_ref_model=True, chunk_size=1,
+        epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo",
+    )
+
+    def run(hidden, weight, ids, old, ref, adv):
+        b = adv.shape[0]
+        out = liger(
+            hidden.view(b, -1, H),
+            weight,
+            ids.view(b, -1),
+            torch.ones(b, ids.shape[0] // b),
+            adv,
+            ref_per_token_logps=ref.view(b, -1),
+            old_per_token_logps=old.view(b, -1),
+        )
+        return out[0]
+
+    return run
+
+
+def worker(method: str, n: int, vocab: int, chunk: int | None, grads_to: str | None) -> dict:
+    """One forward+backward in this (fresh) process; returns its peak extra memory and time."""
+    import torch
+
+    run = _loss_fn(method, chunk)
+    # Start the thread pools and kernels on a small problem, so the timed run pays no one-time
+    # library set-up. Large buffers are returned to the OS when freed (mmap), so every step of a
+    # CPU training loop pays its page faults, as the timed run does.
+    small = _make_inputs(SEQ_LEN, 1024)
+    run(*small).backward()
+    del small
+    inputs = _make_inputs(n, vocab)
+    hidden, weight = inputs[0], inputs[1]
+    base_kib = _rss_kib("VmRSS")
+    _reset_peak()
+    start = time.perf_counter()
+    loss = run(*inputs)
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    peak_kib = _rss_kib("VmHWM")
+    if grads_to:
+        torch.save({"hidden": hidden.grad, "weight": weight.grad, "loss": loss.item()}, grads_to)
+    return {"peak_bytes": (peak_kib - base_kib) * 1024, "time": elapsed, "loss": loss.item()}
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def _spawn(method: str, n: int, vocab: int, chunk: int | None, grads_to: str | None = None) -> dict:
+    spec = json.dumps(dict(method=method, n=n, vocab=vocab, chunk=chunk, grads_to=grads_to))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_loss_kernel", "--worker", spec],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_interleaved(jobs: list[tuple], repeats: int, bar) -> dict:
+    """Run each job (key, method, n, vocab, chunk) `repeats` times, in rounds over all jobs.
+
+    Rounds rather than job after job, so that a change in the machine's load (it is shared)
+    hits every method alike. Returns per key: max peak, median time, last loss.
+    """
+    runs: dict = {key: [] for key, *_ in jobs}
+    for _ in range(repeats):
+        for key, method, n, vocab, chunk in jobs:
+            runs[key].append(_spawn(method, n, vocab, chunk))
+            bar.update(1)
+    return {
+        key: {
+            "peak": max(r["peak_bytes"] for r in rs),
+            "time": statistics.median(r["time"] for r in rs),
+            "loss": rs[-1]["loss"],
+        }
+        for key, rs in runs.items()
+    }
+
+
+def _extrapolate(r1: dict, r2: dict, n1: int, n2: int, n: int) -> tuple[float, float]:
+    """Linear in N through the two subset runs: (peak bytes, seconds) at N = n."""
+    peak = r1["peak"] + (r2["peak"] - r1["peak"]) / (n2 - n1) * (n - n1)
+    secs = r1["time"] + (r2["time"] - r1["time"]) / (n2 - n1) * (n - n1)
+    return peak, secs
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    liger = importlib.metadata.version("liger-kernel") if _liger_available() else "not installed"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem_kib / 2**20:.1f} GiB RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"liger-kernel {liger}; the machine was shared with other jobs, so times carry noise"
+    )
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:,.0f}"
+
+
+def _sweep_section(repeats: int, bar) -> list[str]:
+    from trainers.logprobs import DEFAULT_CHUNK_SIZE
+
+    lines = [
+        "## Chunk size (fused), chosen by measurement",
+        "",
+        "| N | V | tokens per chunk | peak MiB | median s |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for n, v in SWEEP_CASES:
+        res = _run_interleaved([(c, "fused", n, v, c) for c in SWEEP_CHUNKS], repeats, bar)
+        for c in SWEEP_CHUNKS:
+            mark = " (default)" if c == DEFAULT_CHUNK_SIZE else ""
+            lines.append(f"| {n:,} | {v:,} | {c}{mark} | {_mib(res[c]['peak'])} | {res[c]['time']:.2f} |")
+    return lines + [""]
+
+
+def _main_section(methods: list[str], limit: float, repeats: int, bar) -> tuple[list[str], dict]:
+    from trainers.logprobs import DEFAULT_CHUNK_SIZE
+
+    results: dict = {}
+    extrapolation_check = None
+    for n, v in CASES:
+        jobs, skipped = [], {}
+        for m in methods:
+            est = estimate_bytes(m, n, v, DEFAULT_CHUNK_SIZE)
+            if est <= limit:
+                jobs.append(((m, n), m, n, v, None))
+            else:
+                skipped[m] = f"not run: needs ~{est / GIB:.1f} GiB (estimated)"
+        # Naive subsets: for extrapolating a refused naive run, and to check the method on the
+        # first case, where the real naive run exists.
+        if "naive" in skipped or (n, v) == CASES[0]:
+            jobs += [(("naive", s), "naive", s, v, None) for s in SUBSET_NS]
+        res = _run_interleaved(jobs, repeats, bar)
+        for m in methods:
+            if (m, n) in res:
+                results[(m, n, v)] = {**res[(m, n)], "note": "measured"}
+            elif m == "naive":
+                peak, secs = _extrapolate(res[("naive", SUBSET_NS[0])], res[("naive", SUBSET_NS[1])], *SUBSET_NS, n)
+                n1, n2 = SUBSET_NS
+                note = f"{skipped[m]}; extrapolated linearly in N from runs at N = {n1:,} and {n2:,}"
+                results[(m, n, v)] = {"peak": peak, "time": secs, "note": note}
+            else:
+                results[(m, n, v)] = {"peak": None, "time": None, "note": skipped[m]}
+        if (n, v) == CASES[0] and "naive" not in skipped:
+            extrapolation_check = (
+                _extrapolate(res[("naive", SUBSET_NS[0])], res[("naive", SUBSET_NS[1])], *SUBSET_NS, n),
+                results[("naive", n, v)],
+            )
+
+    lines = [
+        "## Peak memory and time, side by side",
+        "",
+        "| N | V | method | peak MiB | peak / naive | median s | time / naive | note |",
+        "|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for n, v in CASES:
+        base = results[("naive", n, v)]
+        for m in methods:
+            r = results[(m, n, v)]
+            if r["peak"] is None:
+                lines.append(f"| {n:,} | {v:,} | {m} | - | - | - | - | {r['note']} |")
+                continue
+            lines.append(
+                f"| {n:,} | {v:,} | {m} | {_mib(r['peak'])} | {r['peak'] / base['peak']:.3f} | "
+                f"{r['time']:.2f} | {r['time'] / base['time']:.2f} | {r['note']} |"
+            )
+    lines.append("")
+    if extrapolation_check:
+        (p_ex, t_ex), real = extrapolation_check
+        n, v = CASES[0]
+        lines += [
+            f"Extrapolation check at N = {n:,}, V = {v:,}, where the naive run fits: extrapolated "
+            f"{_mib(p_ex)} MiB and {t_ex:.2f} s, measured {_mib(real['peak'])} MiB and {real['time']:.2f} s.",
+            "",
+        ]
+    lines += [
+        "Estimates that decide whether a run starts (bytes, fp32): naive 3·N·V·4 + V·H·4 + N·H·4; "
+        f"fused 2·chunk·V·4 + 3·V·H·4 + 2·N·H·4; liger 6·{SEQ_LEN}·V·4 + 3·V·H·4 + 2·N·H·4; "
+        f"limit {limit / GIB:g} GiB.",
+        "",
+    ]
+    return lines, results
+
+
+def _grad_section(methods: list[str], bar) -> list[str]:
+    import tempfile
+
+    import torch
+
+    lines = [
+        f"## Gradient agreement (same inputs, N = {GRAD_N:,}, fp32)",
+        "",
+        "| V | compared | loss abs diff | grad h max-abs diff | grad W max-abs diff "
+        "| max-abs grad h | max-abs grad W |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in (49_152, 151_936):
+            grads = {}
+            for m in methods:
+                path = Path(tmp) / f"{m}.pt"
+                _spawn(m, GRAD_N, v, None, str(path))
+                grads[m] = torch.load(path)
+                bar.update(1)
+            ref = grads["naive"]
+            for m in methods[1:]:
+                dh = (grads[m]["hidden"] - ref["hidden"]).abs().max().item()
+                dw = (grads[m]["weight"] - ref["weight"]).abs().max().item()
+                dl = abs(grads[m]["loss"] - ref["loss"])
+                sh, sw = ref["hidden"].abs().max().item(), ref["weight"].abs().max().item()
+                lines.append(f"| {v:,} | {m} vs naive | {dl:.1e} | {dh:.1e} | {dw:.1e} | {sh:.1e} | {sw:.1e} |")
+    return lines + [""]
+
+
+def _goal_section(methods: list[str], results: dict) -> list[str]:
+    lines = ["## Goals of issue 4: fused peak <= 0.25x naive and <= Liger's; time <= 1.1x naive", ""]
+    for n, v in CASES:
+        f, nv = results[("fused", n, v)], results[("naive", n, v)]
+        kind = "naive measured" if nv["note"] == "measured" else "naive extrapolated"
+        parts = [
+            f"N = {n:,}, V = {v:,} ({kind}): peak {f['peak'] / nv['peak']:.3f}x naive, "
+            f"time {f['time'] / nv['time']:.2f}x naive"
+        ]
+        lg = results.get(("liger", n, v))
+        if lg and lg["peak"] is not None:
+            parts.append(f"peak {f['peak'] / lg['peak']:.2f}x Liger's, time {f['time'] / lg['time']:.2f}x Liger's")
+        lines.append("- " + "; ".join(parts) + ".")
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-gib", type=float, default=6.0, help="never start a case estimated above this")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per (method, case), each in a fresh process")
+    parser.add_argument("--sweep-repeats", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/loss_kernel.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(**json.loads(args.worker))))
+        return
+
+    from tqdm import tqdm
+
+    methods = ["naive", "fused"] + (["liger"] if _liger_available() else [])
+    header = [
+        "# Policy-loss kernel: naive vs fused vs Liger (CPU)",
+        "",
+        "Command: `python -m benchmarks.bench_loss_kernel" + "".join(" " + a for a in (argv or sys.argv[1:])) + "`",
+        "",
+        f"Machine: {_machine()}.",
+        "",
+        f"H = {H}, sequences of {SEQ_LEN} tokens, fp32 forward+backward of the ADRPO loss (clip 0.2, beta 0.02 with "
+        "precomputed reference log-probs, per-sequence token mean). Peak = resident-set high-water mark during the "
+        "run minus the resident set once the inputs exist (the gradients of h and W count). Every run is one "
+        f"forward+backward in a fresh process; {args.repeats} runs per (method, case), in rounds across methods; "
+        "time is their median, peak their maximum. Liger runs with compiled=False: compiled=True gave no speed-up "
+        "on this CPU in a check (about 14 s either way at N = 2,048, V = 49,152) and needs a compile warm-up.",
+        "",
+    ]
+    if "liger" not in methods:
+        header += ["liger-kernel is not installed here: `pip install liger-kernel` to add its column.", ""]
+    total = (
+        len(SWEEP_CASES) * len(SWEEP_CHUNKS) * args.sweep_repeats
+        + len(CASES) * (len(methods) + len(SUBSET_NS)) * args.repeats
+        + 2 * len(methods)
+    )
+    with tqdm(total=total, desc="loss-kernel runs") as bar:
+        sweep = _sweep_section(args.sweep_repeats, bar)
+        main_lines, results = _main_section(methods, args.max_gib * GIB, args.repeats, bar)
+        grads = _grad_section(methods, bar)
+    lines = header + main_lines + _goal_section(methods, results) + sweep + grads
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
