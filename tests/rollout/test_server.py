@@ -141,57 +141,36 @@ def test_openai_client_talks_to_the_server(server, client, original):
     assert [t.logprob for t in reply.choices[0].logprobs.content] == list(mine.logprobs)
 
 
+CHAT = "/v1/chat/completions"
+ASK = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+
+
 @pytest.mark.parametrize(
     "path, body, status, message",
     [
-        ("/v1/chat/completions", b'{"model": "tiny", "messages": [', 400, "not valid JSON"),
-        ("/v1/chat/completions", b"[1, 2]", 400, "must be a JSON object"),
-        (
-            "/v1/chat/completions",
-            {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]},
-            404,
-            "'gpt-4' does not exist",
-        ),
-        (
-            "/v1/chat/completions",
-            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 0},
-            400,
-            "n must be an integer >= 1",
-        ),
-        (
-            "/v1/chat/completions",
-            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": -3},
-            400,
-            "n must be an integer >= 1",
-        ),
-        (
-            "/v1/chat/completions",
-            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"},
-            400,
-            "max_tokens",
-        ),
-        (
-            "/v1/chat/completions",
-            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": True},
-            400,
-            "stream",
-        ),
-        ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages must be a non-empty list"),
-        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user"}]}, 400, "message 0 needs"),
+        (CHAT, b'{"model": "tiny", "messages": [', 400, "not valid JSON"),
+        (CHAT, b"[1, 2]", 400, "must be a JSON object"),
+        (CHAT, {**ASK, "model": "gpt-4"}, 404, "'gpt-4' does not exist"),
+        (CHAT, {**ASK, "n": 0}, 400, "n must be an integer >= 1"),
+        (CHAT, {**ASK, "n": -3}, 400, "n must be an integer >= 1"),
+        (CHAT, {**ASK, "max_tokens": "5"}, 400, "max_tokens"),
+        (CHAT, {**ASK, "stream": True}, 400, "stream"),
+        (CHAT, {**ASK, "messages": []}, 400, "messages must be a non-empty list"),
+        (CHAT, {**ASK, "messages": [{"role": "user"}]}, 400, "message 0 needs"),
         (
             "/v1/completions",
-            {"model": "tiny", "prompt": [5] * 4090, "max_tokens": 10},
+            {**ASK, "prompt": [5] * 4090, "max_tokens": 10},
             400,
             "exceeds the model's context of 4096",
         ),
-        ("/v1/completions", {"model": "tiny", "prompt": [5, 70000], "max_tokens": 2}, 400, "token ids must lie in"),
-        ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 5000, "max_tokens": 1}, 400, "over 4096 sequences"),
+        ("/v1/completions", {**ASK, "prompt": [5, 70000], "max_tokens": 2}, 400, "token ids must lie in"),
+        ("/v1/completions", {**ASK, "prompt": "x", "n": 5000, "max_tokens": 1}, 400, "over 4096 sequences"),
         ("/v1/embeddings", {"model": "tiny", "input": "x"}, 404, "no route"),
         (
             "/v1/weights/update",
             {"tensors": [{"name": "x", "shape": [2], "dtype": "float32"}]},
             400,
-            "unknown weight name 'x'",
+            "unknown weight name",
         ),
         ("/v1/weights/init", {"host": "127.0.0.1", "port": 1, "rank": 0}, 400, "rank must lie in"),
     ],
@@ -332,7 +311,11 @@ def test_api_key_is_required_when_set(tiny_dir):
     server = RolloutServer(HFEngine(tiny_dir), model_name="tiny", backend="hf", port=0, api_key="sesame").start()
     try:
         body = json.dumps({"model": "tiny", "prompt": [5, 6], "max_tokens": 2}).encode()
-        for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 401), ({"Authorization": "Bearer sesame"}, 200)):
+        for headers, status in (
+            ({}, 401),
+            ({"Authorization": "Bearer wrong"}, 401),
+            ({"Authorization": "Bearer sesame"}, 200),
+        ):
             req = urllib.request.Request(server.url + "/v1/completions", data=body, method="POST", headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=60) as resp:
