@@ -92,6 +92,26 @@ def check_length(prompt_ids: Sequence[int], max_tokens: int, max_model_len: int)
         )
 
 
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    max_tokens: int,
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> list[list[int]]:
+    """Token ids of every prompt, rendered the same way for all backends, each checked to leave
+    room for `max_tokens` new tokens inside `max_model_len`."""
+    ids = [
+        render_prompt(tokenizer, p, vocab_size=vocab_size, chat_template_kwargs=chat_template_kwargs)
+        for p in prompts
+    ]
+    for one in ids:
+        check_length(one, max_tokens, max_model_len)
+    return ids
+
+
 def finish_completion(
     tokenizer: PreTrainedTokenizerBase,
     prompt_ids: Sequence[int],

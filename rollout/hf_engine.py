@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rollout.chat import check_length, eos_token_ids, finish_completion, render_prompt
+from rollout.chat import encode_prompts, eos_token_ids, finish_completion
 from rollout.types import Completion, Prompt, SamplingParams
 from rollout.weight_sync import WeightSpec, full_tensor, tensor_metas
 
@@ -106,12 +106,10 @@ class HFEngine:
         """`params.n` completions per prompt (see `rollout.types.RolloutEngine`)."""
         if not prompts:
             return []
-        prompt_ids = [
-            render_prompt(self.tokenizer, p, vocab_size=self.vocab_size, chat_template_kwargs=self.chat_template_kwargs)
-            for p in prompts
-        ]
-        for ids in prompt_ids:
-            check_length(ids, params.max_tokens, self.max_model_len)
+        prompt_ids = encode_prompts(
+            self.tokenizer, prompts, params.max_tokens, vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len, chat_template_kwargs=self.chat_template_kwargs,
+        )
         rows = sorted(
             ((i, j) for i in range(len(prompt_ids)) for j in range(params.n)), key=lambda r: len(prompt_ids[r[0]])
         )

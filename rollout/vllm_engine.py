@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from rollout.chat import check_length, eos_token_ids, finish_completion, render_prompt
+from rollout.chat import encode_prompts, eos_token_ids, finish_completion
 from rollout.types import Completion, Prompt, SamplingParams
 from rollout.weight_sync import DEFAULT_BUCKET_BYTES, WeightSpec, full_tensor, plan_buckets, tensor_metas
 
@@ -136,12 +136,10 @@ class VLLMEngine:
             raise RuntimeError("the engine is asleep: call wake_up() before generate()")
         if not prompts:
             return []
-        prompt_ids = [
-            render_prompt(self.tokenizer, p, vocab_size=self.vocab_size, chat_template_kwargs=self.chat_template_kwargs)
-            for p in prompts
-        ]
-        for ids in prompt_ids:
-            check_length(ids, params.max_tokens, self.max_model_len)
+        prompt_ids = encode_prompts(
+            self.tokenizer, prompts, params.max_tokens, vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len, chat_template_kwargs=self.chat_template_kwargs,
+        )
         outputs = self.llm.generate(
             [{"prompt_token_ids": ids} for ids in prompt_ids], self._vllm_params(params), use_tqdm=self.show_progress
         )
