@@ -72,6 +72,30 @@ def test_greedy_agrees_with_transformers(engine, original, tiny_dir):
         torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(lps), atol=1e-5, rtol=0)
 
 
+def test_sort_free_top_p_samples_inside_the_nucleus_as_vllms_top_p_does(engine, original):
+    engine.update_weights(original.named_parameters())
+    params = SamplingParams(n=3, temperature=0.7, top_p=0.6, max_tokens=12, seed=11)
+    assert engine.sort_free_top_p  # the CPU default
+    ours = engine.generate(PROMPTS, params)
+    engine.sort_free_top_p = False
+    try:
+        theirs = engine.generate(PROMPTS, params)
+    finally:
+        engine.sort_free_top_p = True
+    # The same nucleus and the same per-request generators: the same samples.
+    assert [[c.token_ids for c in s] for s in ours] == [[c.token_ids for c in s] for s in theirs]
+    # Every token lies in the nucleus of its step, from a forward pass (sorted in float64).
+    for prompt, samples in zip(PROMPTS, ours, strict=True):
+        ids = render_prompt(engine.tokenizer, prompt)
+        for c in samples:
+            with torch.no_grad():
+                logits = original(torch.tensor([ids + list(c.token_ids)])).logits[0, len(ids) - 1 : -1]
+            values, order = (logits.double() / 0.7).sort(dim=-1, descending=True)
+            probs = torch.softmax(values, dim=-1)
+            before = torch.empty_like(probs).scatter_(1, order, probs.cumsum(-1) - probs)
+            assert (before.gather(1, torch.tensor(c.token_ids)[:, None]) < 0.6 + 1e-5).all()
+
+
 def test_stop_string_cuts_the_same_sample(engine, original):
     engine.update_weights(original.named_parameters())
     (full,) = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=20, seed=5))[0]
