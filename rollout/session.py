@@ -1,7 +1,8 @@
 """Session rollout: G samples for each (session, agent) prompt, grouped for rewards and advantages.
 
-The caller renders the agent prompts (one per memory kind and session; the renderer lives with
-the memory agents) and passes them here. All prompts go to the engine in one `generate` call with
+`session_prompts` renders the four agent prompts of a session from a bank's state with the memory
+agents' own renderer (`membuilder.agents.prompts`), so rollouts see exactly what `MemoryBuilder`
+sends; prompts rendered elsewhere can be passed as `AgentPrompt`s too. All prompts go to the engine in one `generate` call with
 `n = G`, so the engine batches across sessions and agents. The result is keyed by
 (session, agent, sample index); `candidates(session)` lines the agents' samples up by index:
 candidate g of a session is the g-th output of each of its agents, applied together to the state
@@ -13,8 +14,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from rollout.types import Completion, Prompt, RolloutEngine, SamplingParams
+
+if TYPE_CHECKING:
+    from membuilder.bank import MemoryBank
+    from membuilder.datasets import Session
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,18 @@ class SessionRollout:
     def items(self) -> list[tuple[str, str, int, Completion]]:
         """Every sample as (session, agent, sample index, completion)."""
         return [(s, a, g, c) for (s, a), samples in self.groups.items() for g, c in enumerate(samples)]
+
+
+def session_prompts(bank: MemoryBank, session: Session, **render_kwargs: Any) -> list[AgentPrompt]:
+    """The four agents' prompts for `session` against the bank's current state, in agent order.
+
+    `render_kwargs` go to `membuilder.agents.prompts.render_session_prompts` (top_k, speakers, size
+    limits); pass the same values as the `MemoryBuilder` that will apply the chosen operations.
+    """
+    from membuilder.agents.prompts import render_session_prompts
+
+    rendered = render_session_prompts(bank, session, **render_kwargs)
+    return [AgentPrompt(session.session_id, kind.value, r.messages) for kind, r in rendered.items()]
 
 
 def rollout_sessions(engine: RolloutEngine, prompts: Sequence[AgentPrompt], params: SamplingParams) -> SessionRollout:

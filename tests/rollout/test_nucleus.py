@@ -37,7 +37,7 @@ def test_hand_worked_rows():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().repeat(4, 1)
     top_p = torch.tensor([0.4, 0.7, 0.85, 1.0])
-    out = top_p_mask_(logits.clone(), top_p, first_k=1)  # first_k=1 makes rows 2 and 3 grow k
+    out = top_p_mask_(logits.clone(), top_p, first_k=1, small_vocab=0)  # rows 1, 2 need more than k=1
     # p=0.4: only the first (0 < 0.4); p=0.7: first two (0.5 < 0.7 <= 0.8); p=0.85: three; p=1: all.
     assert kept(out).tolist() == [
         [True, False, False, False],
@@ -59,13 +59,13 @@ def test_token_order_does_not_matter_and_ties_at_the_boundary_are_all_kept():
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("scale", [0.5, 3.0, 8.0])  # flat (falls back to the full vocabulary) to peaked
+@pytest.mark.parametrize("scale", [0.5, 3.0, 8.0])  # flat (grows k to the full vocabulary) to peaked
 @pytest.mark.parametrize("p", [0.3, 0.9, 0.99])
 def test_matches_a_float64_sort(seed, scale, p):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(32, 3000, generator=gen) * scale
     logits[:4, 100:] = NEG_INF  # rows already restricted by an earlier processor
-    out = top_p_mask_(logits.clone(), torch.full((32,), p), first_k=16)
+    out = top_p_mask_(logits.clone(), torch.full((32,), p), first_k=4, small_vocab=0)
     assert_nucleus(out, logits, p)
 
 
@@ -74,7 +74,7 @@ def test_agrees_with_transformers_top_p_warper():
     logits = torch.randn(64, 5000, generator=gen) * 2.5
     logits[:, :10] += 6  # a few likely tokens, as after a trained model
     expected = kept(TopPLogitsWarper(0.9)(None, logits.clone()))
-    out = top_p_mask_(logits.clone(), torch.full((64,), 0.9))
+    out = top_p_mask_(logits.clone(), torch.full((64,), 0.9), small_vocab=0)
     # Both round in float32 (in different orders); rows may differ only by tokens at the boundary.
     before = mass_before(logits)
     clear = ((before - 0.9).abs() > 1e-5).all(dim=-1)
@@ -86,7 +86,7 @@ def test_only_rows_below_one_change():
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(5, 200, generator=gen)
     top_p = torch.tensor([1.0, 0.5, 1.0, 0.2, 1.0])
-    out = top_p_mask_(logits.clone(), top_p)
+    out = top_p_mask_(logits.clone(), top_p, first_k=8, small_vocab=0)
     for row in (0, 2, 4):
         assert torch.equal(out[row], logits[row])
     for row in (1, 3):
