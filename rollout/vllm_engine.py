@@ -100,6 +100,7 @@ class VLLMEngine:
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(int(context), 8192))
         # None: on CPU only, where vLLM's top-p sorts on the CPU; on GPU its sampler kernels are fast.
         self.sort_free_top_p = not self.on_gpu if sort_free_top_p is None else sort_free_top_p
+        self._nucleus_registered = self.sort_free_top_p  # vLLM takes logits processors at start-up only
         if self.sort_free_top_p:
             kwargs["logits_processors"] = [make_vllm_processor()]
         kwargs.update(llm_kwargs)
@@ -127,6 +128,8 @@ class VLLMEngine:
         from vllm import SamplingParams as VLLMSamplingParams
 
         top_p, extra_args = float(params.top_p), None
+        if self.sort_free_top_p and not self._nucleus_registered:
+            raise RuntimeError("sort_free_top_p was off when the engine started, so vLLM has no nucleus processor")
         if self.sort_free_top_p and top_p < 1 and not params.greedy:
             top_p, extra_args = 1.0, {TOP_P_KEY: top_p}
         return VLLMSamplingParams(
