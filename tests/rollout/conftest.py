@@ -20,6 +20,20 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_policy(tmp_path_factory.mktemp("tiny_policy"), seed=0)
 
 
+@pytest.fixture(scope="module")
+def original(tiny_dir):
+    """The tiny policy as saved: what an engine loads at start."""
+    return load_model(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir):
+    """The policy after one optimizer step: the weights a trainer would push."""
+    model = load_model(tiny_dir)
+    train_step(model, load_tokenizer(tiny_dir))
+    return model
+
+
 def load_model(path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 

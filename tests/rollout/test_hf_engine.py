@@ -8,7 +8,7 @@ import torch
 from rollout.chat import render_prompt
 from rollout.hf_engine import HFEngine
 from rollout.types import InvalidRequestError, SamplingParams, WeightSyncError
-from tests.rollout.conftest import PROMPTS, forward_logprobs, greedy_reference, load_model, load_tokenizer, train_step
+from tests.rollout.conftest import PROMPTS, forward_logprobs, greedy_reference, load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -16,20 +16,7 @@ def engine(tiny_dir):
     return HFEngine(tiny_dir, max_batch_size=5)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_dir):
-    return load_model(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_dir):
-    """The policy after one optimizer step: the weights a trainer would push."""
-    model = load_model(tiny_dir)
-    train_step(model, load_tokenizer(tiny_dir))
-    return model
-
-
-def test_sampled_logprobs_match_a_forward_pass(engine, reference):
+def test_sampled_logprobs_match_a_forward_pass(engine, original):
     # 4 prompts of different lengths x n=3 = 12 rows in micro-batches of 5: left padding everywhere.
     params = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_tokens=8, seed=3)
     out = engine.generate(PROMPTS, params)
@@ -39,15 +26,15 @@ def test_sampled_logprobs_match_a_forward_pass(engine, reference):
         for c in samples:
             assert c.prompt_token_ids == tuple(ids)
             assert len(c.token_ids) == len(c.logprobs) > 0
-            ref = forward_logprobs(reference, ids, c.token_ids)
+            ref = forward_logprobs(original, ids, c.token_ids)
             torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-5, rtol=0)
     assert len({c.token_ids for c in out[0]}) > 1  # the n samples of one prompt are drawn independently
 
 
-def test_greedy_matches_an_argmax_loop(engine, reference):
+def test_greedy_matches_an_argmax_loop(engine, original):
     out = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10))
     for prompt, (c,) in zip(PROMPTS, out, strict=True):
-        tokens, lps = greedy_reference(reference, render_prompt(engine.tokenizer, prompt), 10, engine.eos_ids)
+        tokens, lps = greedy_reference(original, render_prompt(engine.tokenizer, prompt), 10, engine.eos_ids)
         assert list(c.token_ids) == tokens
         torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(lps), atol=1e-5, rtol=0)
 
@@ -74,10 +61,10 @@ def test_stop_string_cuts_the_same_sample(engine):
     assert cut.text == tok.decode(list(full.token_ids[:k]), skip_special_tokens=True).split(stop)[0]
 
 
-def test_eos_ends_a_completion_unless_ignored(tiny_dir, reference):
+def test_eos_ends_a_completion_unless_ignored(tiny_dir, original):
     tok = load_tokenizer(tiny_dir)
     prompt = [5, 17, 300, 42]
-    (first,), _ = greedy_reference(reference, prompt, 1)
+    (first,), _ = greedy_reference(original, prompt, 1)
     # Declare the greedy first token to be EOS: the completion is that one token, finished by it.
     eos_tok = load_tokenizer(tiny_dir)
     eos_tok.eos_token = tok.convert_ids_to_tokens(first)

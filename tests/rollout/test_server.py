@@ -21,7 +21,7 @@ import torch
 from rollout.chat import render_prompt
 from rollout.client import RemoteEngine
 from rollout.types import SamplingParams, WeightSyncError
-from tests.rollout.conftest import PROMPTS, forward_logprobs, greedy_reference, load_model, load_tokenizer
+from tests.rollout.conftest import PROMPTS, forward_logprobs, greedy_reference, load_tokenizer
 from tests.rollout.gloo_peer import perturbed_model
 
 pytestmark = pytest.mark.slow
@@ -58,11 +58,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def tok(tiny_dir):
     return load_tokenizer(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def original(tiny_dir):
-    return load_model(tiny_dir)
 
 
 def post(url: str, path: str, body) -> tuple[int, dict]:

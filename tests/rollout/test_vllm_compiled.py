@@ -13,19 +13,17 @@ import torch
 
 from rollout.chat import render_prompt
 from rollout.types import SamplingParams
-from tests.rollout.conftest import PROMPTS, greedy_reference, load_model, load_tokenizer, train_step
+from tests.rollout.conftest import PROMPTS, greedy_reference
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-def test_compiled_engine_follows_pushes_both_ways(tiny_dir, monkeypatch):
+def test_compiled_engine_follows_pushes_both_ways(tiny_dir, original, trained, monkeypatch):
     from rollout.vllm_engine import VLLMEngine
 
     monkeypatch.setitem(os.environ, "VLLM_CPU_KVCACHE_SPACE", "1")
     engine = VLLMEngine(tiny_dir, dtype="float32", enforce_eager=False)
     try:
-        original, trained = load_model(tiny_dir), load_model(tiny_dir)
-        train_step(trained, load_tokenizer(tiny_dir))
         params = SamplingParams(temperature=0, max_tokens=10)
         before = engine.generate(PROMPTS, params)
         for model in (trained, original):

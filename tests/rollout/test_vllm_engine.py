@@ -15,7 +15,7 @@ from rollout.chat import render_prompt
 from rollout.hf_engine import HFEngine
 from rollout.lora import policy_weights
 from rollout.types import SamplingParams, WeightSyncError
-from tests.rollout.conftest import PROMPTS, forward_logprobs, greedy_reference, load_model, load_tokenizer, train_step
+from tests.rollout.conftest import PROMPTS, forward_logprobs, greedy_reference
 from tests.rollout.test_lora import lora_policy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -34,18 +34,6 @@ def engine(tiny_dir):
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     else:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
-
-
-@pytest.fixture(scope="module")
-def original(tiny_dir):
-    return load_model(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_dir):
-    model = load_model(tiny_dir)
-    train_step(model, load_tokenizer(tiny_dir))
-    return model
 
 
 def test_sampled_logprobs_match_a_forward_pass(engine, original):
