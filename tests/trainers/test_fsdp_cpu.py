@@ -153,6 +153,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _errors_of(log: str, tail_chars: int = 3000) -> str:
+    """The tracebacks the workers printed (the config dumps around them can fill any tail), then the tail."""
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line]
+    blocks = ["\n".join(lines[i : i + 80]) for i in starts[:4]]
+    return "\n...\n".join([*blocks, "--- last lines ---", log[-tail_chars:]])
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     """Launch the two-process worker once; returns (worker output dir, base model path)."""
@@ -183,7 +191,7 @@ def fsdp_run(tmp_path_factory):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, f"2-process FSDP run failed ({proc.returncode}):\n{log[-6000:]}"
+    assert proc.returncode == 0, f"2-process FSDP run failed ({proc.returncode}):\n{_errors_of(log)}"
     return out, model_path
 
 
