@@ -47,7 +47,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from trainers.checkpoint import TrainState, latest_checkpoint, load_checkpoint, load_policy, save_checkpoint
 from trainers.config import ConfigError, OptimConfig, SFTConfig, format_config, load_config, save_config
-from trainers.distributed import all_reduce_sum, barrier, make_accelerator, shutdown
+from trainers.distributed import all_reduce_sum, barrier, exit_launched_process, make_accelerator, shutdown
 from trainers.metrics import MetricsLogger, progress_bar
 from trainers.sft_data import (
     BUILTIN_PAIRS,
@@ -324,13 +324,19 @@ def parse_args(argv: list[str] | None = None) -> SFTConfig:
         parser.error(str(exc))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, exit_process: bool = False) -> None:
+    """The command line. `exit_process` (the script) ends the process after a successful run with
+    `exit_launched_process`, which avoids an abort in gloo's teardown at interpreter exit."""
     cfg = parse_args(argv)
     try:
         train(cfg)
-    finally:
+    except BaseException:
         shutdown()
+        raise
+    if exit_process:
+        exit_launched_process(0)
+    shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    main(exit_process=True)

@@ -133,13 +133,15 @@ def _worker_grpo(out: Path) -> None:
 
 
 def _worker_main(out: Path, model_path: Path) -> None:
-    from trainers.distributed import shutdown
+    from trainers.distributed import exit_launched_process, shutdown
 
     try:
         _worker_sft(out, model_path)
         _worker_grpo(out)
-    finally:
+    except BaseException:
         shutdown()
+        raise
+    exit_launched_process(0)
 
 
 # ---------------------------------------------------------------------------------------------
