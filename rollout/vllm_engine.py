@@ -128,8 +128,7 @@ class VLLMEngine:
         try:
             self.llm = LLM(**kwargs)
         except BaseException:
-            torch.set_num_threads = self._set_num_threads
-            _restore_environ(self._environ_before)
+            self._give_back_process_state()
             raise
         self.tokenizer = AutoTokenizer.from_pretrained(str(model))
         model_config = self.llm.llm_engine.model_config
@@ -243,14 +242,18 @@ class VLLMEngine:
         self._asleep = False
         self._weights_awake = True
 
+    def _give_back_process_state(self) -> None:
+        """Undo what vLLM's start-up changed process-wide: torch.set_num_threads and os.environ."""
+        torch.set_num_threads = self._set_num_threads
+        _restore_environ(self._environ_before)
+
     def close(self) -> None:
         if self.llm is None:
             return
         self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         gc.collect()
-        torch.set_num_threads = self._set_num_threads
-        _restore_environ(self._environ_before)
+        self._give_back_process_state()
         if self._owns_default_group:
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
