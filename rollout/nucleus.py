@@ -59,8 +59,9 @@ def top_p_mask_(logits: Tensor, top_p: Tensor, first_k: int = FIRST_K, small_voc
         values = rest.sort(dim=-1, descending=True).values if k == vocab else rest.topk(k, dim=-1).values  # [P, k]
         probs = (values.float() - log_total.index_select(0, pending)).exp()
         mass = probs.cumsum(dim=-1)
-        kept = ((mass - probs) < p.index_select(0, pending)).sum(dim=-1)  # [P] >= 1, as mass - probs starts at 0
-        done = mass[:, -1] >= p.index_select(0, pending)[:, 0] if k < vocab else torch.ones_like(kept, dtype=torch.bool)
+        p_rest = p.index_select(0, pending)  # [P, 1]
+        kept = ((mass - probs) < p_rest).sum(dim=-1)  # [P] >= 1, as mass - probs starts at 0
+        done = mass[:, -1] >= p_rest[:, 0] if k < vocab else torch.ones_like(kept, dtype=torch.bool)
         threshold[pending[done]] = values[done].gather(1, (kept[done] - 1)[:, None])[:, 0]
         pending = pending[~done]
         # a topk of more than an eighth of the vocabulary costs about as much as a sort

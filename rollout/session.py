@@ -3,10 +3,10 @@
 `session_prompts` renders the four agent prompts of a session from a bank's state with the memory
 agents' own renderer (`membuilder.agents.prompts`), so rollouts see exactly what `MemoryBuilder`
 sends; prompts rendered elsewhere can be passed as `AgentPrompt`s too. All prompts go to the
-engine in one `generate` call with `n = G`, so the engine batches across sessions and agents. The result is keyed by
-(session, agent, sample index); `candidates(session)` lines the agents' samples up by index:
-candidate g of a session is the g-th output of each of its agents, applied together to the state
-before the session (DESIGN.md, section 5).
+engine in one `generate` call with `n = G`, so the engine batches across sessions and agents.
+The result is keyed by (session, agent, sample index); `candidates(session)` lines the agents'
+samples up by index: candidate g of a session is the g-th output of each of its agents, applied
+together to the state before the session (DESIGN.md, section 5).
 """
 
 from __future__ import annotations
