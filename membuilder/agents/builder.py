@@ -22,8 +22,6 @@ leaving the bank as it was.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -34,6 +32,7 @@ from tqdm import tqdm
 from membuilder.bank import ApplyResult, MemoryBank
 from membuilder.datasets import Conversation, Session, SessionAnnotation
 from membuilder.operations import CoreAppend, CoreReplace, CoreRewrite, Operation, operation_to_dict
+from membuilder.snapshots import state_digest
 from membuilder.types import BankState, InvalidInputError, MemoryKind
 
 from .backends import AgentBackend, AgentContext, AgentGenerationError, AgentReply, run_backend
@@ -105,12 +104,6 @@ class AgentRecord:
             "entry_ids": list(self.entry_ids), "omitted_turns": list(self.omitted_turns),
             "elapsed_s": self.elapsed_s,
         }
-
-
-def state_digest(state: BankState) -> str:
-    """SHA-256 of a bank state without embeddings: a short reference to the state before a session."""
-    blob = json.dumps(state.to_dict(with_embeddings=False), sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
