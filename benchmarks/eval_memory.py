@@ -3,6 +3,8 @@ from it, judge the answers, and summarise accuracy per category.
 
     python -m benchmarks.eval_memory --dataset locomo --builder annotation \\
         --answerer extractive --judge rule --embedder hashing --out runs/locomo-annotation
+    python -m benchmarks.eval_memory --dataset world --builder world \\
+        --answerer extractive --judge rule --embedder hashing --out runs/world
     python -m benchmarks.eval_memory --dataset longmemeval --data longmemeval_s.json \\
         --builder gpt-4.1-mini --answerer gpt-4.1-mini --judge gpt-4.1 --concurrency 8 --out runs/lme
     ... --mode build            build (and save) the banks only
@@ -10,7 +12,8 @@ from it, judge the answers, and summarise accuracy per category.
     ... --resume                continue an interrupted run: done questions are skipped
 
 Builders: `annotation` (offline, LoCoMo's observation / event_summary annotations through the
-four-agent MemoryBuilder), `rag` (raw-turn chunks, top-5), `full-context` (the whole history when
+four-agent MemoryBuilder), `world` (offline, the exact expert of the generated world: only with
+`--dataset world`), `rag` (raw-turn chunks, top-5), `full-context` (the whole history when
 it fits the character budget; otherwise the question is recorded as skipped), or any other value:
 a chat model name for the four LLM agents. Answerer: `extractive` or a model name; judge: `rule`
 or a model name. Models are reached through `membuilder.llm.LLMClient` (`--base-url`, key from
@@ -86,8 +89,9 @@ from membuilder.rag import (
 )
 from membuilder.store import SQLiteStore
 
-OFFLINE_BUILDERS = ("annotation", "rag", "full-context")
-BUILD_KEYS = ("dataset", "data", "builder", "embedder", "sessions", "chunk_turns", "chunk_chars")
+OFFLINE_BUILDERS = ("annotation", "world", "rag", "full-context")
+BUILD_KEYS = ("dataset", "data", "builder", "embedder", "sessions", "chunk_turns", "chunk_chars", "world_seed",
+              "world_sessions")
 ANSWER_KEYS = ("answerer", "judge", "top_k", "full_context_chars", "full_context_policy")
 TIMING_FIELDS = ("elapsed_s",)
 ERROR_STATUSES = ("answer_error", "judge_error")
@@ -107,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=sorted({"locomo", "longmemeval", "perltqa", *DATASET_NAMES}),
                    help="'longmemeval' reads --data (any LongMemEval variant), else longmemeval_s")
     p.add_argument("--data", help="dataset file or folder (default: the shared data folder)")
-    p.add_argument("--builder", required=True, help="annotation | rag | full-context | MODEL")
+    p.add_argument("--builder", required=True, help="annotation | world | rag | full-context | MODEL")
     p.add_argument("--answerer", default="extractive", help="extractive | MODEL")
     p.add_argument("--judge", default="rule", help="rule | MODEL")
     p.add_argument("--mode", choices=("build", "answer", "full"), default="full")
@@ -129,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="full-context: character budget of the whole history")
     p.add_argument("--full-context-policy", choices=("skip", "truncate"), default="skip",
                    help="full-context: what to do when the history does not fit")
+    p.add_argument("--world-seed", type=int, default=0, help="world: the generator's seed")
+    p.add_argument("--world-sessions", type=int, default=None,
+                   help="world: sessions generated per conversation (default membuilder.world.DEFAULT_SESSIONS)")
     p.add_argument("--no-llm-cache", action="store_true", help="do not cache model responses on disk")
     p.add_argument("--save-trajectories", action="store_true",
                    help="model/annotation builders: also save each agent's prompt, raw output and operations")
@@ -145,6 +152,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.data = str(Path(args.data).resolve())
     if args.retry_errors and not args.resume:
         p.error("--retry-errors needs --resume")
+    if args.dataset == "world":
+        from membuilder.world import DEFAULT_CONVERSATIONS, DEFAULT_SESSIONS
+
+        if args.data is not None:
+            p.error("--dataset world is generated: use --world-seed / --world-sessions, not --data")
+        if args.world_seed < 0 or (args.world_sessions is not None and args.world_sessions < 1):
+            p.error("--world-seed must be >= 0 and --world-sessions >= 1")
+        args.world_sessions = args.world_sessions or DEFAULT_SESSIONS
+        args.world_conversations = args.conversations or DEFAULT_CONVERSATIONS
+    else:
+        args.world_seed = args.world_sessions = None
+    if args.builder == "world" and args.dataset != "world":
+        p.error("--builder world is the generated world's own expert: it needs --dataset world")
     return args
 
 
@@ -224,17 +244,24 @@ def check_config(args: argparse.Namespace, out: Path, answering: bool) -> None:
 # --- building ---------------------------------------------------------------------------------------
 
 
-def make_builder(args: argparse.Namespace, client: LLMClient | None):
-    """The MemoryBuilder for `annotation` or a model name (imported here: rag needs no agents)."""
+def make_builder(args: argparse.Namespace, client: LLMClient | None, world=None):
+    """The MemoryBuilder for `annotation`, `world` or a model name (imported here: rag needs no agents)."""
     from membuilder.agents import AnnotationExpert, LLMAgentBackend, MemoryBuilder
 
-    backend = AnnotationExpert() if args.builder == "annotation" else LLMAgentBackend(client, model=args.builder)
+    if args.builder == "world":
+        from membuilder.world import WorldExpert
+
+        backend = WorldExpert(world)
+    elif args.builder == "annotation":
+        backend = AnnotationExpert()
+    else:
+        backend = LLMAgentBackend(client, model=args.builder)
     # the state before each session is only needed for training data, i.e. for saved trajectories
     return MemoryBuilder(backend, snapshots=args.save_trajectories)
 
 
 def build_banks(args: argparse.Namespace, convs: list[Conversation], out: Path, embedder,
-                client: LLMClient | None, progress: bool) -> int:
+                client: LLMClient | None, progress: bool, world=None) -> int:
     """Build and save one bank per conversation; returns how many were built in this call."""
     if args.builder == "full-context":
         return 0
@@ -248,7 +275,7 @@ def build_banks(args: argparse.Namespace, convs: list[Conversation], out: Path, 
                 raise RunError(f"{path} already exists: pass --resume to reuse the saved banks, or use another --out")
             continue
         todo.append(conv)
-    builder = None if args.builder == "rag" else make_builder(args, client)
+    builder = None if args.builder == "rag" else make_builder(args, client, world)
 
     def one(conv: Conversation) -> None:
         build_one(args, conv, bank_file(bank_dir, conv.conversation_id), embedder, builder)
@@ -272,7 +299,7 @@ def build_one(args, conv: Conversation, path: Path, embedder, builder) -> None:
     for leftover in (partial, Path(f"{partial}-wal"), Path(f"{partial}-shm")):
         leftover.unlink(missing_ok=True)
     log_lines: list[dict] = []
-    trajectories: list[dict] = []
+    trajectories: list = []  # SessionRecords
     store = SQLiteStore(partial)
     try:
         bank = MemoryBank(store, conv.conversation_id, embedder=embedder)
@@ -284,14 +311,20 @@ def build_one(args, conv: Conversation, path: Path, embedder, builder) -> None:
             for record in builder.build(bank, conv, max_sessions=args.sessions):
                 log_lines.append(session_log(record))
                 if args.save_trajectories:
-                    trajectories.append(record.to_dict())
+                    trajectories.append(record)
         log_lines.append({"conversation_id": conv.conversation_id, "active_entries": len(bank),
                           "core_chars": len(bank.core)})
     finally:
         store.close()
     write_jsonl(path.with_suffix(".build.jsonl"), log_lines)
     if args.save_trajectories and trajectories:
-        write_jsonl(path.with_suffix(".trajectories.jsonl"), trajectories)
+        # the one trajectory format (membuilder.agents.records), written whole then renamed
+        from membuilder.agents.records import write_records
+        final = path.with_suffix(".trajectories.jsonl")
+        tmp = final.with_name(final.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        write_records(tmp, trajectories)
+        os.replace(tmp, final)
     os.replace(partial, path)
 
 
@@ -592,7 +625,14 @@ def run(argv: list[str] | None = None, *, on_record: Callable[[dict], None] | No
     args = parse_args(argv)
     started = time.perf_counter()
     out = Path(args.out)
-    convs = load_conversations(args.dataset, args.data)
+    world = None
+    if args.dataset == "world":  # generated; conversation k is the same whatever the world's size
+        from membuilder.world import generate_world
+
+        world = generate_world(args.world_seed, conversations=args.world_conversations, sessions=args.world_sessions)
+        convs = world.dataset()
+    else:
+        convs = load_conversations(args.dataset, args.data)
     selected = convs[: args.conversations] if args.conversations else convs
     answering = args.mode in ("answer", "full")
     check_config(args, out, answering)
@@ -615,7 +655,7 @@ def run(argv: list[str] | None = None, *, on_record: Callable[[dict], None] | No
 
     try:
         if args.mode in ("build", "full"):
-            build_banks(args, selected, out, embedder, clients.get("build"), progress)
+            build_banks(args, selected, out, embedder, clients.get("build"), progress, world)
         if answering:
             answerer = (ExtractiveAnswerer() if args.answerer == "extractive"
                         else LLMAnswerer(clients["answer"], model=args.answerer))

@@ -10,6 +10,13 @@
 Scoping ids are keyword-only. Construction opens (or creates) the store and nothing else: the
 embedding model is loaded on the first write or search that needs it, and nothing touches the
 network unless an OpenAI-compatible embedder is configured.
+
+Thread- and process-safety: one `Memory` may be used from any number of threads; several
+processes (or several `Memory` objects) may open one SQLite file. Every write is planned and
+committed under the store's write lock, so concurrent `add`s on one user each get their own id
+and none is lost; a search sees every write committed before it. A write that waits longer than
+`busy_timeout` (default 5 s) for another process raises `StoreError` having written nothing.
+An in-memory `Memory()` lives in one process only.
 """
 
 from __future__ import annotations
@@ -37,10 +44,13 @@ def make_embedder(spec):
 
 
 class Memory:
-    """One store, one `MemoryBank` per user id."""
+    """One store, one `MemoryBank` per user id. Thread-safe (see the module docstring)."""
 
-    def __init__(self, path=None, *, embedder="minilm", clock: Callable[[], float] = _time.time):
-        self.store = open_store(path)
+    def __init__(
+        self, path=None, *, embedder="minilm", clock: Callable[[], float] = _time.time, busy_timeout: float = 5.0
+    ):
+        """`busy_timeout`: seconds a write to a SQLite bank waits for another process's write."""
+        self.store = open_store(path, busy_timeout=busy_timeout)
         self.embedder = make_embedder(embedder)
         self.clock = clock
         self._banks: dict[str, MemoryBank] = {}

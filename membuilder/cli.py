@@ -5,12 +5,17 @@
     python -m membuilder import BANK FILE [--owner O]
     python -m membuilder search BANK QUERY --owner O [--k 10] [--kind K] [--embedder none|hashing|minilm]
     python -m membuilder demo [--bank PATH] [--embedder minilm|hashing|none]
+
+Every failure is one `error: ...` line on stderr naming the file (and owner, entry, field where
+there is one) and exit code 2; a failed import leaves the bank as it was. `inspect`, `export`
+and `search` never create or initialise a bank, and work on a bank the user may only read.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -19,13 +24,35 @@ from .api import make_embedder
 from .bank import MemoryBank
 from .operations import parse_operations
 from .store import SQLiteStore
-from .types import BankState, MemBuilderError
+from .types import BankState, MemBuilderError, excerpt
+
+_KEEP = {"\n"}  # in multi-line blocks (the core); listings escape newlines too
 
 
-def _open_existing(path: str) -> SQLiteStore:
+def _open_existing(path: str, *, write: bool = False) -> SQLiteStore:
+    """An existing bank, read-only unless `write` (and writable); never initialises a file."""
     if not Path(path).exists():
         raise MemBuilderError(f"no bank at {path}")
-    return SQLiteStore(path)
+    readonly = not write or not os.access(path, os.W_OK)
+    return SQLiteStore(path, readonly=readonly, create=False)
+
+
+def _safe(text: object, keep: set[str] = frozenset()) -> str:
+    """Text for a terminal: control and other non-printable characters escaped (an entry written
+    by a model must not be able to move the cursor, clear the screen or retitle the window)."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def _check_owner_exists(store: SQLiteStore, owner: str, path: str) -> None:
+    owners = store.owners()
+    if owner not in owners:
+        raise MemBuilderError(
+            f"bank {path} has no owner {excerpt(owner)} (owners: {[excerpt(o) for o in owners[:20]]})"
+        )
 
 
 def _embedder(name: str):
@@ -34,30 +61,36 @@ def _embedder(name: str):
 
 def cmd_inspect(args) -> int:
     with _open_existing(args.bank) as store:
+        if args.owner:
+            _check_owner_exists(store, args.owner, args.bank)
         owners = [args.owner] if args.owner else store.owners()
-        if args.owner and args.owner not in store.owners():
-            raise MemBuilderError(f"bank {args.bank} has no owner {args.owner!r} (owners: {store.owners()})")
         for owner in owners:
             bank = MemoryBank(store, owner)
-            entries = bank.entries(args.kind, include_retired=args.retired)
+            every = bank.entries(include_retired=True)  # reads (and so checks) every row once
+            entries = [e for e in every if (args.retired or e.status.value == "active")
+                       and (args.kind is None or e.kind.value == args.kind)]
             counts: dict[str, int] = {}
-            for e in bank.entries(include_retired=False):
-                counts[e.kind.value] = counts.get(e.kind.value, 0) + 1
-            print(f"== owner {owner}: {sum(counts.values())} active entries {counts}")
-            print(f"-- core ({len(bank.core)} chars)\n{bank.core}" if bank.core else "-- core: (empty)")
+            for e in every:
+                if e.status.value == "active":
+                    counts[e.kind.value] = counts.get(e.kind.value, 0) + 1
+            core = bank.core
+            print(f"== owner {_safe(owner)}: {sum(counts.values())} active entries {counts}")
+            print(f"-- core ({len(core)} chars)\n{_safe(core, _KEEP)}" if core else "-- core: (empty)")
             if args.owner or args.kind or args.retired:
                 for e in entries:
                     when = f" [{e.event_time}]" if e.event_time else ""
                     flag = "" if e.status.value == "active" else f" (retired -> {e.retired_by})"
-                    print(f"{e.id:>6} {e.kind.value:<10}{when} {e.text}{flag}")
+                    print(f"{_safe(e.id):>6} {e.kind.value:<10}{when} {_safe(e.text)}{_safe(flag)}")
             if args.history:
-                for h in bank.history():
-                    print(f"#{h.seq} {h.event} {h.entry_id}: {h.old_text!r} -> {h.new_text!r}")
+                for h in bank.history():  # repr() escapes control characters
+                    print(f"#{h.seq} {h.event} {_safe(h.entry_id)}: {h.old_text!r} -> {h.new_text!r}")
     return 0
 
 
 def cmd_export(args) -> int:
     with _open_existing(args.bank) as store:
+        if args.owner:
+            _check_owner_exists(store, args.owner, args.bank)
         owners = [args.owner] if args.owner else store.owners()
         states = [store.snapshot(o).to_dict(with_embeddings=args.embeddings) for o in owners]
     doc = states[0] if args.owner else {"format": "membuilder.banks", "banks": states}
@@ -70,13 +103,42 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_import(args) -> int:
+def _read_export(path: str) -> list[BankState]:
+    """Every bank state of an export file, each validated; errors name the file and the bank."""
     try:
-        doc = json.loads(Path(args.file).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MemBuilderError(f"cannot read export {args.file}: {exc}") from exc
-    docs = doc["banks"] if isinstance(doc, dict) and doc.get("format") == "membuilder.banks" else [doc]
-    states = [BankState.from_dict(d) for d in docs]  # validate everything before writing anything
+        text = Path(path).read_bytes().decode("utf-8")
+        doc = json.loads(text)
+    except OSError as exc:
+        raise MemBuilderError(f"cannot read export {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise MemBuilderError(f"cannot read export {path}: not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise MemBuilderError(f"cannot read export {path}: invalid JSON ({exc})") from None
+    except RecursionError:
+        raise MemBuilderError(f"cannot read export {path}: JSON nested too deeply") from None
+    if isinstance(doc, dict) and doc.get("format") == "membuilder.banks":
+        docs = doc.get("banks")
+        if not isinstance(docs, list):
+            raise MemBuilderError(
+                f"cannot import {path}: 'banks' must be a list of bank exports, got {excerpt(docs)}"
+            )
+    else:
+        docs = [doc]
+    states = []
+    for i, d in enumerate(docs):
+        try:
+            states.append(BankState.from_dict(d))
+        except MemBuilderError as exc:
+            where = f" (bank {i})" if len(docs) > 1 else ""
+            raise MemBuilderError(f"cannot import {path}{where}: {exc}") from None
+    owners = [s.owner for s in states]
+    if len(set(owners)) != len(owners):
+        raise MemBuilderError(f"cannot import {path}: it holds one owner twice")
+    return states
+
+
+def cmd_import(args) -> int:
+    states = _read_export(args.file)  # validate everything before writing anything
     if args.owner and len(states) != 1:
         raise MemBuilderError("--owner needs an export of exactly one bank")
     with SQLiteStore(args.bank) as store:
@@ -88,11 +150,13 @@ def cmd_import(args) -> int:
 
 
 def cmd_search(args) -> int:
-    with _open_existing(args.bank) as store:
+    # writable when the user may write: a search stores the vectors it had to compute (only those)
+    with _open_existing(args.bank, write=True) as store:
+        _check_owner_exists(store, args.owner, args.bank)
         bank = MemoryBank(store, args.owner, embedder=_embedder(args.embedder))
         for hit in bank.search(args.query, k=args.k, kinds=args.kind):
             e = hit.entry
-            print(f"{hit.score:.4f} {e.id:>6} {e.kind.value:<10} {e.event_time or '':<10} {e.text}")
+            print(f"{hit.score:.4f} {_safe(e.id):>6} {e.kind.value:<10} {e.event_time or '':<10} {_safe(e.text)}")
     return 0
 
 
@@ -199,5 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except MemBuilderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_safe(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. --out into a missing folder
+        print(f"error: {_safe(exc)}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .retrieval import tokenize
+from .types import MemBuilderError
 
 
 @runtime_checkable
@@ -43,8 +44,8 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-class EmbeddingError(RuntimeError):
-    """An embedding backend failed or answered something malformed."""
+class EmbeddingError(MemBuilderError, RuntimeError):
+    """An embedding backend failed or answered something malformed (NaN rows included)."""
 
 
 def _check_texts(texts: object) -> list[str]:
@@ -424,6 +425,8 @@ class CachedEmbedder:
                 raise EmbeddingError(
                     f"{self.inner.name} returned shape {fresh.shape} for {len(todo)} texts"
                 )
+            if not np.isfinite(fresh).all():  # never cache a broken answer: a retry must ask again
+                raise EmbeddingError(f"{self.inner.name} returned non-finite values (NaN/inf)")
             with self._lock:
                 for key, vec in zip(todo, fresh):
                     vec = vec.copy()

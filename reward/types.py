@@ -80,9 +80,9 @@ class QAPair:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "qa") -> "QAPair":
         return cls(question=_req(d, "question", str, where), answer=_req(d, "answer", str, where),
-                   qtype=d.get("qtype", "other"), source=d.get("source", "") or "",
+                   qtype=_opt_str(d, "qtype", where) or "other", source=_opt_str(d, "source", where) or "",
                    question_date=_opt_str(d, "question_date", where),
-                   question_id=d.get("question_id", "") or "")
+                   question_id=_opt_str(d, "question_id", where) or "")
 
 
 @dataclass(frozen=True)
@@ -181,21 +181,40 @@ class SampleReward:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SampleReward":
-        def num(key: str) -> float | None:
-            v = d.get(key)
+        where = "sample"
+
+        def num(key: str, default: float | None = None) -> float | None:
+            v = d.get(key, default)
             if v is None:
                 return None
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise RewardInputError(f"sample.{key} must be a finite number or null, got {v!r}")
+                raise RewardInputError(f"{where}.{key} must be a finite number or null, got {v!r}")
             return float(v)
 
-        return cls(agent=_req(d, "agent", str, "sample"), index=_req(d, "index", int, "sample"),
-                   valid=bool(d.get("valid")), task_reward=num("task_reward"),
-                   length_penalty=num("length_penalty") or 0.0, reward=num("reward"),
-                   weight=num("weight") or 1.0, dominant_kind=d.get("dominant_kind"),
-                   retrieval_counts=dict(d.get("retrieval_counts") or {}), masked=bool(d.get("masked")),
-                   mask_reason=d.get("mask_reason"), invalid_reason=d.get("invalid_reason"),
-                   output_tokens=int(d.get("output_tokens") or 0))
+        def flag(key: str) -> bool:
+            v = d.get(key, False)
+            if not isinstance(v, bool):
+                raise RewardInputError(f"{where}.{key} must be true or false, got {v!r}")
+            return v
+
+        counts = d.get("retrieval_counts") or {}
+        if not isinstance(counts, dict) or not all(
+                isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                for k, n in counts.items()):
+            raise RewardInputError(f"{where}.retrieval_counts must map kinds to integers >= 0")
+        tokens = d.get("output_tokens", 0)
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            raise RewardInputError(f"{where}.output_tokens must be an integer >= 0, got {tokens!r}")
+        length_penalty = num("length_penalty", 0.0)
+        weight = num("weight", 1.0)
+        if length_penalty is None or weight is None:
+            raise RewardInputError(f"{where}.length_penalty and {where}.weight must be numbers")
+        return cls(agent=_req(d, "agent", str, where), index=_req(d, "index", int, where),
+                   valid=flag("valid"), task_reward=num("task_reward"), length_penalty=length_penalty,
+                   reward=num("reward"), weight=weight, dominant_kind=_opt_str(d, "dominant_kind", where),
+                   retrieval_counts=dict(counts), masked=flag("masked"),
+                   mask_reason=_opt_str(d, "mask_reason", where),
+                   invalid_reason=_opt_str(d, "invalid_reason", where), output_tokens=tokens)
 
 
 @dataclass(frozen=True)
@@ -219,9 +238,18 @@ class SessionReward:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SessionReward":
+        task_rewards = d.get("task_rewards") or []
+        if not isinstance(task_rewards, list) or not all(
+                t is None or isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+                for t in task_rewards):
+            raise RewardInputError("reward.task_rewards must be a list of finite numbers or nulls")
+        elapsed = d.get("elapsed_s", 0.0)
+        if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not math.isfinite(elapsed):
+            raise RewardInputError(f"reward.elapsed_s must be a finite number, got {elapsed!r}")
         return cls(session_id=_req(d, "session_id", str, "reward"),
                    samples=tuple(SampleReward.from_dict(s) for s in _req(d, "samples", list, "reward")),
-                   task_rewards=tuple(d.get("task_rewards") or ()), elapsed_s=float(d.get("elapsed_s") or 0.0))
+                   task_rewards=tuple(None if t is None else float(t) for t in task_rewards),
+                   elapsed_s=float(elapsed))
 
 
 # What the trainer calls: many sessions in, one SessionReward per request out (same order).

@@ -8,7 +8,9 @@ server: `rollout.hf_engine.HFEngine`, `rollout.vllm_engine.VLLMEngine`,
 from rollout.lora import policy_weights
 from rollout.session import AgentPrompt, SessionRollout, rollout_sessions
 from rollout.types import (
+    MAX_SEED,
     Completion,
+    GenerationCancelled,
     InvalidRequestError,
     Prompt,
     RolloutEngine,
@@ -18,8 +20,10 @@ from rollout.types import (
 )
 
 __all__ = [
+    "MAX_SEED",
     "AgentPrompt",
     "Completion",
+    "GenerationCancelled",
     "InvalidRequestError",
     "Prompt",
     "RolloutEngine",

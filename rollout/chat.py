@@ -20,15 +20,45 @@ from transformers import PreTrainedTokenizerBase
 from rollout.types import Completion, FinishReason, InvalidRequestError, Prompt, SamplingParams
 
 
+def max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
+    """An upper bound on the characters one token stands for: the longest vocabulary entry.
+
+    Byte-level BPE entries hold one character per byte and SentencePiece entries one per
+    character (byte-fallback entries such as `<0x0A>` are longer than the byte they stand for),
+    so no token decodes to more characters than its entry has. Cached on the tokenizer."""
+    cached = getattr(tokenizer, "_rollout_max_token_chars", None)
+    if cached is None:
+        cached = max(len(t) for t in tokenizer.get_vocab())
+        tokenizer._rollout_max_token_chars = cached
+    return cached
+
+
+def check_text_length(tokenizer: PreTrainedTokenizerBase, text: str, max_model_len: int) -> None:
+    """Refuse, before tokenizing it, a text too long to fit the context whatever its tokens are:
+    tokenizing a 20 MB text costs seconds of CPU only to be refused afterwards."""
+    limit = max_model_len * max_token_chars(tokenizer)
+    if len(text) > limit:
+        raise InvalidRequestError(
+            f"the prompt has {len(text)} characters: more than the model's context of {max_model_len} "
+            f"tokens can hold (at most {max_token_chars(tokenizer)} characters per token)"
+        )
+
+
 def render_prompt(
     tokenizer: PreTrainedTokenizerBase,
     prompt: Prompt,
     *,
     vocab_size: int | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    max_model_len: int | None = None,
 ) -> list[int]:
-    """Token ids of a text, chat or token-id prompt (see `rollout.types` for the three forms)."""
+    """Token ids of a text, chat or token-id prompt (see `rollout.types` for the three forms).
+
+    With `max_model_len`, a text (or chat) far too long for the context is refused before it is
+    tokenized (`check_text_length`); the exact check against the token count is `check_length`."""
     if isinstance(prompt, str):
+        if max_model_len is not None:
+            check_text_length(tokenizer, prompt, max_model_len)
         ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     elif isinstance(prompt, Sequence) and prompt and all(_is_token_id(x) for x in prompt):
         ids = [int(x) for x in prompt]
@@ -40,9 +70,13 @@ def render_prompt(
         messages = [_check_message(i, m) for i, m in enumerate(prompt)]
         if tokenizer.chat_template is None:
             raise InvalidRequestError("chat messages given but the tokenizer has no chat template")
+        if max_model_len is not None:  # the template only adds text: the contents alone must fit
+            check_text_length(tokenizer, "".join(m["content"] for m in messages), max_model_len)
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, **dict(chat_template_kwargs or {})
         )
+        if max_model_len is not None:
+            check_text_length(tokenizer, text, max_model_len)
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     else:
         raise InvalidRequestError(
@@ -104,7 +138,9 @@ def encode_prompts(
     """Token ids of every prompt, rendered the same way for all backends, each checked to leave
     room for `max_tokens` new tokens inside `max_model_len`."""
     ids = [
-        render_prompt(tokenizer, p, vocab_size=vocab_size, chat_template_kwargs=chat_template_kwargs)
+        render_prompt(
+            tokenizer, p, vocab_size=vocab_size, chat_template_kwargs=chat_template_kwargs, max_model_len=max_model_len
+        )
         for p in prompts
     ]
     for one in ids:

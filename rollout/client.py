@@ -5,10 +5,20 @@
     completions = engine.generate(prompts, SamplingParams(n=8, temperature=0.8, top_p=0.9))
     engine.update_weights(policy_weights(model))     # after each optimizer step
 
-Generation sends one HTTP request per prompt, many at once, so the server batches them. A push
-first announces the tensor names, shapes and dtypes (`POST /v1/weights/update`; a refusal raises
-`WeightSyncError` and nothing is sent), then broadcasts the buckets and waits for every receiver's
-status over the group.
+Generation sends one HTTP request per `generate` call (`POST /v1/generate`, all prompts with
+their sampling parameters); the server merges concurrent calls. Every `Completion` carries the
+`weight_version` that produced it.
+
+A push first announces the tensor names, shapes and dtypes (`POST /v1/weights/update`; a refusal
+raises `WeightSyncError` and nothing is sent), then broadcasts the buckets, then waits over HTTP
+(`/v1/weights/wait`) until the server has loaded them or failed to.
+
+Failures of the weight-sync group: when the transport fails (the server died or gave up waiting
+for a bucket, a gloo/NCCL error) or the server reports the group broken, `update_weights` drops
+the dead transport, leaves the group on the server, builds a new group with the arguments of the
+last `connect_weights` call and raises `WeightSyncError` saying so; the caller pushes again. If
+the new group cannot be built, the error says that too and `connect_weights` must be called
+before the next push.
 """
 
 from __future__ import annotations
@@ -19,12 +29,19 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from torch import Tensor
 
-from rollout.types import Completion, InvalidRequestError, Prompt, RolloutError, SamplingParams, WeightSyncError
+from rollout.types import (
+    Completion,
+    InvalidRequestError,
+    Prompt,
+    RolloutError,
+    SamplingParams,
+    WeightSyncError,
+    per_prompt_params,
+)
 from rollout.weight_sync import DEFAULT_BUCKET_BYTES, WeightTransport, tensor_metas
 
 
@@ -38,15 +55,17 @@ class RemoteEngine:
         model: str | None = None,
         api_key: str | None = None,
         timeout_s: float = 3600,
-        max_concurrency: int = 64,
+        max_concurrency: int = 64,  # unused since generate() sends one request; kept for callers
     ):
         self.base_url = base_url.rstrip("/")
         self.api_key, self.timeout_s, self.max_concurrency = api_key, timeout_s, max_concurrency
         self.model = model or self.request("GET", "/v1/models")["data"][0]["id"]
         self._transport: WeightTransport | None = None
+        self._connect_kwargs: dict[str, Any] | None = None
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
-        """One JSON request; an error status raises with the server's message."""
+        """One JSON request; an error status raises with the server's message (400:
+        `InvalidRequestError`, others `RolloutError`; the HTTP status is the error's `status`)."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.base_url + path, data=data, method=method)
         req.add_header("Content-Type", "application/json")
@@ -60,51 +79,51 @@ class RemoteEngine:
                 message = json.loads(e.read())["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = str(e)
-            error = {400: InvalidRequestError}.get(e.code, RolloutError)
-            raise error(f"{method} {path} -> {e.code}: {message}") from None
+            error = {400: InvalidRequestError}.get(e.code, RolloutError)(f"{method} {path} -> {e.code}: {message}")
+            error.status = e.code
+            raise error from None
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Completion]]:
-        """`params.n` completions per prompt (see `rollout.types.RolloutEngine`)."""
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, max(1, len(prompts)))) as pool:
-            return list(pool.map(lambda p: self._generate_one(p, params), prompts))
-
-    def _generate_one(self, prompt: Prompt, params: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[list[Completion]]:
+        """`n` completions per prompt (see `rollout.types.RolloutEngine`), in one HTTP request;
+        `params` may be one `SamplingParams` per prompt. Safe to call from several threads."""
+        if not prompts:
+            return []
+        per_prompt = per_prompt_params(params, len(prompts))
+        distinct = {p: _params_json(p) for p in per_prompt}
         body: dict[str, Any] = {
             "model": self.model,
-            "n": params.n,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "max_tokens": params.max_tokens,
-            "seed": params.seed,
-            "stop": list(params.stop),
-            "ignore_eos": params.ignore_eos,
-            "return_token_ids": True,
+            "prompts": [p if isinstance(p, str) else [dict(m) if isinstance(m, dict) else m for m in p] for p in prompts],
+            "params": distinct[per_prompt[0]] if len(distinct) == 1 else [distinct[p] for p in per_prompt],
         }
-        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt and isinstance(prompt[0], dict):
-            out = self.request("POST", "/v1/chat/completions", {**body, "messages": list(prompt), "logprobs": True})
-            prompt_ids = tuple(out["prompt_token_ids"])
-            return [
-                Completion(
-                    prompt_ids,
-                    tuple(c["token_ids"]),
-                    tuple(t["logprob"] for t in c["logprobs"]["content"]),
-                    c["message"]["content"],
-                    c["finish_reason"],
-                )
-                for c in out["choices"]
-            ]
-        prompt_body = prompt if isinstance(prompt, str) else list(prompt)
-        out = self.request("POST", "/v1/completions", {**body, "prompt": prompt_body, "logprobs": 0})
+        out = self.request("POST", "/v1/generate", body)
         return [
-            Completion(
-                tuple(c["prompt_token_ids"]),
-                tuple(c["token_ids"]),
-                tuple(c["logprobs"]["token_logprobs"]),
-                c["text"],
-                c["finish_reason"],
-            )
-            for c in out["choices"]
+            [
+                Completion(
+                    tuple(c["prompt_token_ids"]),
+                    tuple(c["token_ids"]),
+                    tuple(c["logprobs"]),
+                    c["text"],
+                    c["finish_reason"],
+                    c.get("weight_version"),
+                )
+                for c in samples
+            ]
+            for samples in out["completions"]
         ]
+
+    def sleep(self, level: int = 1) -> None:
+        """Put the server's engine to sleep (see `rollout.types.RolloutEngine.sleep`)."""
+        self.request("POST", "/v1/sleep", {"level": level})
+
+    def wake_up(self) -> None:
+        self.request("POST", "/v1/wake_up", {})
+
+    @property
+    def weight_version(self) -> int:
+        """The version of the weights the server generates with now."""
+        return int(self.request("GET", "/v1/weights")["version"])
 
     def connect_weights(
         self,
@@ -120,6 +139,7 @@ class RemoteEngine:
         (port 0 picks a free one)."""
         if self._transport is not None:
             raise RuntimeError("already connected")
+        self._connect_kwargs = dict(host=host, port=port, backend=backend, device=device, timeout_s=timeout_s)
         port = port or _free_port(host)
         init = {"host": host, "port": port, "world_size": 2, "rank": 1, "backend": backend, "timeout_s": timeout_s}
         reply: dict[str, Any] = {}
@@ -147,7 +167,8 @@ class RemoteEngine:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         version: int | None = None,
     ) -> None:
-        """Push a complete set of weights; raise `WeightSyncError` if the server refuses or fails to load it."""
+        """Push a complete set of weights; raise `WeightSyncError` if the server refuses or fails to
+        load it, or the weight-sync group fails (then rebuilt, see the module docstring)."""
         if self._transport is None:
             raise RuntimeError("call connect_weights() before update_weights()")
         named = list(named_tensors)
@@ -155,14 +176,44 @@ class RemoteEngine:
         if version is not None:
             body["version"] = version
         try:
-            self.request("POST", "/v1/weights/update", body)
+            reply = self.request("POST", "/v1/weights/update", body)
         except InvalidRequestError as e:
             raise WeightSyncError(str(e)) from None
-        self._transport.send(named, bucket_bytes)
-        if self._transport.reduce_status(0) != 0:
+        except RolloutError as e:
+            if getattr(e, "status", None) == 409 and "broken" in str(e):
+                self._rebuild_group(str(e))
+            raise WeightSyncError(str(e)) from None
+        try:
+            self._transport.send(named, bucket_bytes)
+        except Exception as e:  # gloo / NCCL: the server left the group or gave up waiting
+            self._rebuild_group(f"sending the weights failed: {type(e).__name__}: {e}")
+        push = self._wait_push(reply["push_id"])
+        if push.get("broken"):
+            self._rebuild_group(f"the server could not receive the push: {push['error']}")
+        if not push["ok"]:
+            raise WeightSyncError(f"the server failed to load the weights: {push['error']}")
+
+    def _wait_push(self, push_id: int) -> dict:
+        while True:
+            state = self.request("POST", "/v1/weights/wait", {"push_id": push_id, "timeout_s": 30})
+            push = state.get("last_push")
+            if push is not None and push["push_id"] >= push_id:
+                return push
+
+    def _rebuild_group(self, reason: str) -> None:
+        """Drop the dead transport, leave the group on the server, join a new one; always raises."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        try:
+            self.request("POST", "/v1/weights/close", {})
+            self.connect_weights(**(self._connect_kwargs or {}))
+        except Exception as e:
             raise WeightSyncError(
-                f"the server failed to load the weights: {self.request('GET', '/v1/weights')['last_error']}"
-            )
+                f"{reason}; rebuilding the weight-sync group failed too ({type(e).__name__}: {e}): "
+                "call connect_weights() before the next push"
+            ) from None
+        raise WeightSyncError(f"{reason}; the weight-sync group was rebuilt: push again")
 
     def close(self) -> None:
         if self._transport is not None:
@@ -171,6 +222,18 @@ class RemoteEngine:
             finally:
                 self._transport.close()
                 self._transport = None
+
+
+def _params_json(p: SamplingParams) -> dict[str, Any]:
+    return {
+        "n": p.n,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "max_tokens": p.max_tokens,
+        "seed": p.seed,
+        "stop": list(p.stop),
+        "ignore_eos": p.ignore_eos,
+    }
 
 
 def _free_port(host: str) -> int:

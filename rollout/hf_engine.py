@@ -17,6 +17,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import dataclasses
+import threading
+
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -28,21 +31,25 @@ from transformers import (
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 
-from rollout.chat import encode_prompts, eos_token_ids, finish_completion
-from rollout.types import Completion, Prompt, SamplingParams
+from rollout.chat import check_length, eos_token_ids, finish_completion, render_prompt
+from rollout.types import Completion, GenerationCancelled, Prompt, SamplingParams, per_prompt_params
 from rollout.weight_sync import WeightSpec, full_tensor, tensor_metas
 
 
 class _SampledLogprobs(LogitsProcessor):
     """Records log p(sampled token) from the raw logits, one generation step behind."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: HFEngine) -> None:
+        self._engine = engine
         self._pending: Tensor | None = None  # [B, V] log-softmax of the previous step
         self.steps: list[Tensor] = []  # each [B]
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self._engine.progress += 1
         self._take(input_ids[:, -1])
         self._pending = torch.log_softmax(scores.float(), dim=-1)
         return scores
@@ -60,6 +67,16 @@ class _SampledLogprobs(LogitsProcessor):
         if num_new == 0:
             return sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32)
         return torch.stack(self.steps, dim=1)
+
+
+class _Cancelled(StoppingCriteria):
+    """Ends every row at the next step once the engine's `cancel()` was called."""
+
+    def __init__(self, engine: HFEngine) -> None:
+        self._engine = engine
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
+        return torch.full((input_ids.shape[0],), self._engine._cancelled, dtype=torch.bool, device=input_ids.device)
 
 
 class HFEngine:
@@ -101,15 +118,49 @@ class HFEngine:
         self.max_model_len = max_model_len or int(model.config.max_position_embeddings)
         self.vocab_size = int(model.config.vocab_size)
         self.weight_spec = WeightSpec.from_model(self.model)
+        self.weight_version = 0
+        self.progress = 0  # decode steps taken so far: the rollout server's sign of life
+        self._state_lock = threading.Lock()
+        self._running = self._cancelled = False
+        self._asleep = False
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Completion]]:
-        """`params.n` completions per prompt (see `rollout.types.RolloutEngine`)."""
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[list[Completion]]:
+        """`n` completions per prompt (see `rollout.types.RolloutEngine`); `params` may be one
+        `SamplingParams` per prompt. Prompts with equal parameters are generated together, each
+        such group from one generator seeded with its seed. Not reentrant (one call at a time);
+        `cancel()` may be called from any thread."""
+        if self._asleep:
+            raise RuntimeError("the engine is asleep: call wake_up() before generate()")
         if not prompts:
             return []
-        prompt_ids = encode_prompts(
-            self.tokenizer, prompts, params.max_tokens, vocab_size=self.vocab_size,
-            max_model_len=self.max_model_len, chat_template_kwargs=self.chat_template_kwargs,
-        )
+        per_prompt = per_prompt_params(params, len(prompts))
+        prompt_ids = []
+        for prompt, p in zip(prompts, per_prompt, strict=True):
+            ids = render_prompt(
+                self.tokenizer, prompt, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                chat_template_kwargs=self.chat_template_kwargs,
+            )
+            check_length(ids, p.max_tokens, self.max_model_len)
+            prompt_ids.append(ids)
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, p in enumerate(per_prompt):
+            groups.setdefault(p, []).append(i)
+        version = self.weight_version
+        results: list[list[Completion]] = [[] for _ in prompts]
+        with self._state_lock:
+            self._running, self._cancelled = True, False
+        try:
+            for p, indices in groups.items():
+                for i, samples in zip(indices, self._generate_group([prompt_ids[i] for i in indices], p), strict=True):
+                    results[i] = [dataclasses.replace(c, weight_version=version) for c in samples]
+        finally:
+            with self._state_lock:
+                self._running = False
+        return results
+
+    def _generate_group(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         rows = sorted(
             ((i, j) for i in range(len(prompt_ids)) for j in range(params.n)), key=lambda r: len(prompt_ids[r[0]])
         )
@@ -121,9 +172,19 @@ class HFEngine:
                 torch.manual_seed(params.seed)
             for chunk in tqdm(chunks, desc="generate (transformers)", disable=not self.show_progress):
                 batch = [prompt_ids[i] for i, _ in chunk]
-                for (i, j), completion in zip(chunk, self._generate_batch(batch, params), strict=True):
+                completions = self._generate_batch(batch, params)
+                if self._cancelled:
+                    raise GenerationCancelled("generation cancelled (the server is shutting down?)")
+                for (i, j), completion in zip(chunk, completions, strict=True):
                     results[i][j] = completion
         return [[c for c in per_prompt if c is not None] for per_prompt in results]
+
+    def cancel(self) -> None:
+        """Make the `generate` call in progress (if any) stop at its next decode step and raise
+        `GenerationCancelled`; safe to call from any thread."""
+        with self._state_lock:
+            if self._running:
+                self._cancelled = True
 
     def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[Completion]:
         width = max(len(ids) for ids in batch)
@@ -144,12 +205,13 @@ class HFEngine:
                 else {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": 0}
             ),
         )
-        recorder = _SampledLogprobs()
+        recorder = _SampledLogprobs(self)
         sequences = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             generation_config=config,
             logits_processor=LogitsProcessorList([recorder]),
+            stopping_criteria=StoppingCriteriaList([_Cancelled(self)]),
             **({"tokenizer": self.tokenizer} if params.stop else {}),
         )
         new = sequences[:, width:]
@@ -161,13 +223,34 @@ class HFEngine:
         ]
 
     @torch.no_grad()
-    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy a complete, validated set of weights into the model (refused as a whole on error)."""
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], *, version: int | None = None) -> None:
+        """Copy a complete, validated set of weights into the model (refused as a whole on error);
+        completions report `version` from now on (default: the previous version + 1)."""
         named = list(named_tensors)
         self.weight_spec.check(tensor_metas(named))
         params = dict(self.model.named_parameters())
         for name, t in self.weight_spec.canonical(named):
             params[name].copy_(full_tensor(t))
+        self.weight_version = self.weight_version + 1 if version is None else int(version)
+
+    def sleep(self, level: int = 1) -> None:
+        """Refuse `generate` until `wake_up()`; on a GPU the model also moves to the CPU meanwhile
+        (either level: a transformers model is cheap to keep), on the CPU nothing is freed."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 (offload weights) or 2 (drop weights), got {level}")
+        if self._asleep:
+            return
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+        self._asleep = True
+
+    def wake_up(self) -> None:
+        if not self._asleep:
+            return
+        if self.device.type == "cuda":
+            self.model.to(self.device)
+        self._asleep = False
 
     def close(self) -> None:
         self.model = None

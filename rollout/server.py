@@ -3,139 +3,86 @@
     python -m rollout.server --model PATH --backend hf|vllm [--host 127.0.0.1] [--port 8000]
 
 Endpoints (JSON; no streaming):
-  GET  /health                 status, model, backend, weight version
+  GET  /health                 status ("ok", "asleep"; 503 with "stalled" when the engine has made
+                               no step for --stall-timeout-s during a call, or "shutting_down"),
+                               model, backend, weight version
   GET  /v1/models              the one served model
   POST /v1/chat/completions    OpenAI chat completions; `logprobs` gives the sampled tokens' log-probs;
-                               extras: `return_token_ids` (prompt and completion token ids), `ignore_eos`
+                               extras: `return_token_ids` (prompt and completion token ids),
+                               `ignore_eos`, `chat_template_kwargs` (e.g. {"enable_thinking": false})
   POST /v1/completions         OpenAI completions; `prompt` is a string, token ids, or a list of either
-  POST /v1/weights/init        join the trainer's weight-sync group: {host, port, world_size, rank, backend}
+  POST /v1/generate            (not OpenAI) many prompts of any form (text, token ids, chat messages)
+                               with one sampling-parameter object each or one for all; answers the
+                               completions with token ids and log-probs (what `RemoteEngine` uses)
+  POST /v1/weights/init        join the trainer's weight-sync group: {host, port, world_size, rank,
+                               backend, timeout_s <= 600}; one join at a time (409 otherwise)
   POST /v1/weights/update      announce a push: {tensors: [{name, shape, dtype}], bucket_bytes, version};
-                               refused with 400 (nothing received) if a name or shape is wrong; once
-                               accepted, the tensors arrive over the group (`rollout.client` does both)
-  GET  /v1/weights             weight-sync state: connected, version, pending, last error
-  POST /v1/weights/close       leave the weight-sync group
+                               refused with 400 (nothing received) if a name or shape is wrong, 409 if
+                               no group, a broken group or a push in progress; once accepted, the
+                               server receives at once (beside generation, which goes on), each bucket
+                               within --weight-timeout-s or the group is declared broken
+  POST /v1/weights/wait        {push_id, timeout_s}: wait (at most 60 s) for a push to be loaded or fail
+  GET  /v1/weights             weight-sync state: connected, broken, version, pending, last error, last push
+  POST /v1/weights/close       leave the weight-sync group (also a broken one)
+  POST /v1/sleep, /v1/wake_up  the engine's sleep ({level}) and wake-up; generation answers 503 meanwhile
 
-Concurrency: HTTP handler threads parse, validate and tokenize; one scheduler thread owns the engine.
-It takes every job queued since its last turn, runs weight updates first, then the generation
-requests, merged into one engine call per distinct set of sampling parameters. A generation call
-therefore runs entirely under one set of weights, and requests that arrive during an update wait
-for it: every response comes whole from the old weights or whole from the new ones.
+Every generation response carries `weight_version`: the version of the weights that produced it.
+
+Sampling: the log-probs returned (`logprobs`, `token_ids`) are of the raw model, temperature 1 and
+no top-p, whatever `temperature` and `top_p` were sampled with (DESIGN.md, section 5): a trainer
+that needs the sampling distribution's log-probs (old log-probs of an importance ratio at
+T = 0.8) must recompute them. Seeds lie in [0, 2**63 - 1]; see `rollout.types` for what they mean.
+
+Concurrency: HTTP handler threads parse, validate and tokenize; one scheduler thread owns the
+engine. It takes every job queued since its last turn, loads received weight pushes first, then
+runs the generation requests, merged into as few engine calls as possible. A generation call
+therefore runs entirely under one set of weights and every response comes whole from one
+version. A push runs ahead of generation requests that were queued before it but had not started
+yet: those get the new weights (their `weight_version` says so).
+
+Shutdown (SIGTERM or SIGINT): the server stops accepting connections, answers queued requests
+with 503, lets the engine call in progress finish for up to --shutdown-grace-s (then cancels it:
+its requests get 503 too), closes the engine and exits with status 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
+import signal
+import sys
 import threading
 import time
 import uuid
-from collections import defaultdict
-from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 
 from rollout.chat import check_length, render_prompt
-from rollout.types import Completion, InvalidRequestError, SamplingParams, WeightSyncError
+from rollout.http_front import Handler, HTTPError, HTTPServer, flag, get, unavailable
+from rollout.scheduler import Scheduler, _CallJob, _GenerateJob, _Job, _UpdateJob
+from rollout.types import (
+    Completion,
+    GenerationCancelled,
+    InvalidRequestError,
+    SamplingParams,
+    WeightSyncError,
+)
 from rollout.weight_sync import ALIGN, DEFAULT_BUCKET_BYTES, TensorMeta, WeightTransport
 
-MAX_BODY_BYTES = 64 * 2**20
 MAX_SEQUENCES = 4096  # prompts x n in one request
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-@dataclass
-class _Job:
-    done: threading.Event = field(default_factory=threading.Event)
-    result: Any = None
-    error: BaseException | None = None
-
-    def wait(self) -> Any:
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-@dataclass
-class _GenerateJob(_Job):
-    prompts: list[list[int]] = field(default_factory=list)
-    params: SamplingParams = field(default_factory=SamplingParams)
-
-
-@dataclass
-class _UpdateJob(_Job):
-    metas: list[TensorMeta] = field(default_factory=list)
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES
-    version: int = 0
-
-
-class _Scheduler(threading.Thread):
-    """The one thread that calls the engine (module docstring)."""
-
-    def __init__(self, server: RolloutServer, max_batch_prompts: int):
-        super().__init__(name="rollout-scheduler", daemon=True)
-        self.server = server
-        self.max_batch_prompts = max_batch_prompts
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()
-
-    def run(self) -> None:
-        while True:
-            jobs = [self.jobs.get()]
-            while not self.jobs.empty():
-                jobs.append(self.jobs.get_nowait())
-            if any(j is None for j in jobs):
-                for j in jobs:
-                    if j is not None:
-                        j.error = RuntimeError("the server is shutting down")
-                        j.done.set()
-                return
-            for job in jobs:
-                if isinstance(job, _UpdateJob):
-                    self.server._apply_update(job)
-            for batch in self._batches([j for j in jobs if isinstance(j, _GenerateJob)]):
-                self._generate(batch)
-
-    def _batches(self, jobs: list[_GenerateJob]) -> list[list[_GenerateJob]]:
-        # A seed applies to a whole transformers batch, so seeded requests are merged only when the
-        # engine seeds each prompt on its own (vLLM); otherwise they run alone, reproducibly.
-        groups: dict[Any, list[_GenerateJob]] = defaultdict(list)
-        for k, job in enumerate(jobs):
-            alone = job.params.seed is not None and not self.server.engine.seed_per_prompt
-            groups[(job.params, k) if alone else job.params].append(job)
-        batches = []
-        for group in groups.values():
-            batch: list[_GenerateJob] = []
-            for job in group:
-                if batch and sum(len(j.prompts) for j in batch) + len(job.prompts) > self.max_batch_prompts:
-                    batches.append(batch)
-                    batch = []
-                batch.append(job)
-            batches.append(batch)
-        return batches
-
-    def _generate(self, batch: list[_GenerateJob]) -> None:
-        try:
-            outputs = self.server.engine.generate([p for j in batch for p in j.prompts], batch[0].params)
-            start = 0
-            for job in batch:
-                job.result = outputs[start : start + len(job.prompts)]
-                start += len(job.prompts)
-        except Exception as e:  # the requests fail, the server keeps serving
-            for job in batch:
-                job.error = e
-        for job in batch:
-            job.done.set()
+MAX_INIT_TIMEOUT_S = 600.0
+MAX_WAIT_S = 60.0
 
 
 class RolloutServer:
-    """HTTP front of one rollout engine (`HFEngine` or `VLLMEngine`)."""
+    """HTTP front of one rollout engine (`HFEngine` or `VLLMEngine`).
+
+    `weight_timeout_s` bounds the wait for each bucket of an accepted weight push;
+    `request_timeout_s` bounds the wait for a client's request line, headers and body;
+    `stall_timeout_s` is how long an engine call may go without a step before /health says
+    "stalled" and new generation requests get 503."""
 
     def __init__(
         self,
@@ -147,18 +94,29 @@ class RolloutServer:
         port: int = 8000,
         api_key: str | None = None,
         max_batch_prompts: int = 512,
+        weight_timeout_s: float = 120.0,
+        request_timeout_s: float = 60.0,
+        stall_timeout_s: float = 300.0,
     ):
         self.engine, self.model_name, self.backend, self.api_key = engine, model_name, backend, api_key
-        self.weight_version = 0
+        self.weight_timeout_s, self.request_timeout_s = weight_timeout_s, request_timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self.weight_version = int(getattr(engine, "weight_version", 0))
         self.last_weight_error: str | None = None
+        self.closing = False
+        self.asleep = False
         self._transport: WeightTransport | None = None
+        self._joining = False
+        self._broken: str | None = None  # why the weight-sync group is unusable
         self._pending_update = False
+        self._push_id = 0
+        self._last_push: dict | None = None
         self._lock = threading.Lock()
-        # The trainer's push returns when the group's status exchange does, a moment before the
-        # scheduler clears `_pending_update`: the next weight call waits for that moment.
-        self._update_done = threading.Condition(self._lock)
-        self._scheduler = _Scheduler(self, max_batch_prompts)
-        self._httpd = _HTTPServer((host, port), _Handler)
+        self._push_done = threading.Condition(self._lock)
+        self._active_requests = 0
+        self._requests_done = threading.Condition(threading.Lock())
+        self._scheduler = Scheduler(self, max_batch_prompts)
+        self._httpd = HTTPServer((host, port), Handler)
         self._httpd.app = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
 
@@ -174,27 +132,96 @@ class RolloutServer:
         self._thread.start()
         return self
 
-    def shutdown(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._scheduler.jobs.put(None)
-        self._scheduler.join(timeout=60)
-        if self._transport is not None:
-            self._transport.close()
+    def routes(self) -> dict[tuple[str, str], Callable[[dict], tuple[int, dict]]]:
+        ok = lambda f: lambda body: (200, f(body))  # noqa: E731
+        return {
+            ("GET", "/health"): lambda body: self.health_response(),
+            ("GET", "/v1/models"): ok(lambda body: self.models()),
+            ("POST", "/v1/chat/completions"): ok(self.chat_completions),
+            ("POST", "/v1/completions"): ok(self.completions),
+            ("POST", "/v1/generate"): ok(self.generate),
+            ("POST", "/v1/weights/init"): ok(self.weights_init),
+            ("POST", "/v1/weights/update"): ok(self.weights_update),
+            ("POST", "/v1/weights/wait"): ok(self.weights_wait),
+            ("GET", "/v1/weights"): ok(lambda body: self.weights_state()),
+            ("POST", "/v1/weights/close"): ok(self.weights_close),
+            ("POST", "/v1/sleep"): ok(self.sleep),
+            ("POST", "/v1/wake_up"): ok(self.wake_up),
+        }
+
+    # ---- shutdown ---------------------------------------------------------------------------
+
+    def _request_started(self) -> None:
+        with self._requests_done:
+            self._active_requests += 1
+
+    def _request_finished(self) -> None:
+        with self._requests_done:
+            self._active_requests -= 1
+            self._requests_done.notify_all()
+
+    def _submit(self, job: _Job) -> Any:
+        with self._lock:  # shutdown drains the queue under this lock: no job slips in after it
+            if self.closing:
+                raise unavailable("the server is shutting down")
+            self._scheduler.jobs.put(job)
+        return job.wait()
+
+    def shutdown(self, grace_s: float = 30.0) -> bool:
+        """Stop accepting, answer queued work with 503, give the engine call in progress `grace_s`
+        to finish (then cancel it), wait for the responses to go out. Returns True when the
+        scheduler has stopped, so the engine may be closed; False if it is stuck inside the engine.
+        Leaves the engine open (the caller owns it)."""
+        with self._lock:
+            if self.closing:
+                return not self._scheduler.is_alive()
+            self.closing = True
+            queued = []
+            while True:
+                try:
+                    queued.append(self._scheduler.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            self._scheduler.jobs.put(None)
+        self._httpd.shutdown()  # the accept loop ends; handlers already running go on
+        self._httpd.server_close()  # new connections are refused from here on
+        for job in queued:
+            if job is not None:
+                job.finish(error=GenerationCancelled("the server is shutting down"))
+        self._scheduler.join(timeout=grace_s)
+        if self._scheduler.is_alive():
+            self._scheduler.abandon = True
+            cancel = getattr(self.engine, "cancel", None)
+            if cancel is not None:
+                cancel()
+            self._scheduler.join(timeout=grace_s)
+        with self._requests_done:  # let the handlers write their answers
+            self._requests_done.wait_for(lambda: self._active_requests == 0, timeout=grace_s)
+        with self._lock:
+            transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        return not self._scheduler.is_alive()
 
     # ---- generation -------------------------------------------------------------------------
 
-    def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        job = _GenerateJob(prompts=prompts, params=params)
-        self._scheduler.jobs.put(job)
-        return job.wait()
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[Completion]]:
+        if self.asleep:
+            raise unavailable("the engine is asleep: POST /v1/wake_up first")
+        stalled = self._scheduler.stalled_for()
+        if stalled > self.stall_timeout_s:
+            raise unavailable(f"the engine has made no progress for {stalled:.0f} s (see /health)")
+        return self._submit(_GenerateJob(prompts=prompts, params=params))
 
-    def _render(self, prompt: Any) -> list[int]:
+    def _render(self, prompt: Any, chat_template_kwargs: dict | None = None) -> list[int]:
         e = self.engine
-        return render_prompt(e.tokenizer, prompt, vocab_size=e.vocab_size, chat_template_kwargs=e.chat_template_kwargs)
+        kwargs = {**e.chat_template_kwargs, **(chat_template_kwargs or {})}
+        return render_prompt(
+            e.tokenizer, prompt, vocab_size=e.vocab_size, chat_template_kwargs=kwargs, max_model_len=e.max_model_len
+        )
 
     def _params(self, body: dict, prompt_ids: list[list[int]]) -> SamplingParams:
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = get(body, "max_completion_tokens", body.get("max_tokens"))
         if max_tokens is None:  # as vLLM: whatever context the longest prompt leaves
             max_tokens = max(1, self.engine.max_model_len - max(len(p) for p in prompt_ids))
         stop = body.get("stop")
@@ -202,13 +229,13 @@ class RolloutServer:
         if not isinstance(stop, (str, list)):
             raise InvalidRequestError(f"stop must be a string or a list of strings, got {stop!r}")
         params = SamplingParams(
-            n=_get(body, "n", 1),
-            temperature=_get(body, "temperature", 1.0),
-            top_p=_get(body, "top_p", 1.0),
+            n=get(body, "n", 1),
+            temperature=get(body, "temperature", 1.0),
+            top_p=get(body, "top_p", 1.0),
             max_tokens=max_tokens,
             seed=body.get("seed"),
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
-            ignore_eos=bool(body.get("ignore_eos")),
+            ignore_eos=flag(body, "ignore_eos"),
         )
         for ids in prompt_ids:
             check_length(ids, params.max_tokens, self.engine.max_model_len)
@@ -226,6 +253,12 @@ class RolloutServer:
         if body.get("stream"):
             raise InvalidRequestError("stream=true is not supported by this server")
 
+    def _template_kwargs(self, body: dict) -> dict:
+        kwargs = get(body, "chat_template_kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise InvalidRequestError(f"chat_template_kwargs must be an object, got {kwargs!r:.80}")
+        return kwargs
+
     def chat_completions(self, body: dict) -> dict:
         self._check_common(body)
         messages = body.get("messages")
@@ -233,47 +266,99 @@ class RolloutServer:
             raise InvalidRequestError("messages must be a non-empty list")
         if body.get("top_logprobs"):
             raise InvalidRequestError("top_logprobs > 0 is not supported; logprobs=true gives the sampled tokens'")
-        prompt_ids = self._render([_flatten_message(i, m) for i, m in enumerate(messages)])
+        want_logprobs, want_ids = flag(body, "logprobs"), flag(body, "return_token_ids")
+        messages = [_flatten_message(i, m) for i, m in enumerate(messages)]
+        prompt_ids = self._render(messages, self._template_kwargs(body))
         params = self._params(body, [prompt_ids])
-        samples = self._run([prompt_ids], params)[0]
+        samples = self._run([prompt_ids], [params])[0]
         choices = []
         for j, c in enumerate(samples):
             choice: dict[str, Any] = {
                 "index": j,
                 "message": {"role": "assistant", "content": c.text},
                 "finish_reason": c.finish_reason,
-                "logprobs": {"content": self._token_logprobs(c)} if body.get("logprobs") else None,
+                "logprobs": {"content": self._token_logprobs(c)} if want_logprobs else None,
             }
-            if body.get("return_token_ids"):
+            if want_ids:
                 choice["token_ids"] = list(c.token_ids)
             choices.append(choice)
         out = self._envelope("chat.completion", choices, [samples])
-        if body.get("return_token_ids"):
+        if want_ids:
             out["prompt_token_ids"] = prompt_ids
         return out
 
     def completions(self, body: dict) -> dict:
         self._check_common(body)
-        if body.get("echo"):
+        if flag(body, "echo"):
             raise InvalidRequestError("echo=true is not supported by this server")
+        want_ids = flag(body, "return_token_ids")
+        logprobs = body.get("logprobs")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise InvalidRequestError(f"logprobs must be a non-negative integer or null, got {logprobs!r:.40}")
         prompts = body.get("prompt")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, list) or not prompts:
             raise InvalidRequestError("prompt must be a string, a list of token ids, or a non-empty list of either")
+        if any(isinstance(p, list) and p and isinstance(p[0], dict) for p in prompts):
+            raise InvalidRequestError("chat messages go to /v1/chat/completions (or /v1/generate)")
         prompt_ids = [self._render(p) for p in prompts]
         params = self._params(body, prompt_ids)
-        results = self._run(prompt_ids, params)
+        results = self._run(prompt_ids, [params] * len(prompt_ids))
         choices = []
         for i, samples in enumerate(results):
             for j, c in enumerate(samples):
                 choice: dict[str, Any] = {"index": i * params.n + j, "text": c.text, "finish_reason": c.finish_reason}
-                choice["logprobs"] = self._legacy_logprobs(c) if body.get("logprobs") is not None else None
-                if body.get("return_token_ids"):
+                choice["logprobs"] = self._legacy_logprobs(c) if logprobs is not None else None
+                if want_ids:
                     choice["prompt_token_ids"] = list(c.prompt_token_ids)
                     choice["token_ids"] = list(c.token_ids)
                 choices.append(choice)
         return self._envelope("text_completion", choices, results)
+
+    def generate(self, body: dict) -> dict:
+        """/v1/generate: {model, prompts: [text | token ids | messages], params: {...} or [{...}],
+        chat_template_kwargs}; params objects take the `SamplingParams` fields."""
+        if body.get("model") != self.model_name:
+            raise HTTPError(404, f"the model {body.get('model')!r} does not exist", "not_found_error")
+        prompts, raw = body.get("prompts"), get(body, "params", {})
+        if not isinstance(prompts, list) or not prompts:
+            raise InvalidRequestError("prompts must be a non-empty list")
+        raw_list = raw if isinstance(raw, list) else [raw] * len(prompts)
+        if len(raw_list) != len(prompts) or not all(isinstance(r, dict) for r in raw_list):
+            raise InvalidRequestError("params must be one object, or a list of one object per prompt")
+        kwargs = self._template_kwargs(body)
+        prompt_ids = [self._render(p, kwargs) for p in prompts]
+        params = []
+        for i, (r, ids) in enumerate(zip(raw_list, prompt_ids, strict=True)):
+            unknown = sorted(set(r) - set(SamplingParams.__dataclass_fields__))
+            if unknown:
+                raise InvalidRequestError(f"params of prompt {i}: unknown fields {unknown}")
+            p = SamplingParams(**{**r, "stop": tuple(r.get("stop") or ())})
+            check_length(ids, p.max_tokens, self.engine.max_model_len)
+            params.append(p)
+        if sum(p.n for p in params) > MAX_SEQUENCES:
+            raise InvalidRequestError(f"{sum(p.n for p in params)} sequences in one request: over {MAX_SEQUENCES}")
+        results = self._run(prompt_ids, params)
+        return {
+            "object": "generation",
+            "model": self.model_name,
+            "weight_version": results[0][0].weight_version if results and results[0] else self.weight_version,
+            "completions": [
+                [
+                    {
+                        "prompt_token_ids": list(c.prompt_token_ids),
+                        "token_ids": list(c.token_ids),
+                        "logprobs": list(c.logprobs),
+                        "text": c.text,
+                        "finish_reason": c.finish_reason,
+                        "weight_version": c.weight_version,
+                    }
+                    for c in samples
+                ]
+                for samples in results
+            ],
+        }
 
     def _envelope(self, kind: str, choices: list, results: list[list[Completion]]) -> dict:
         prompt_tokens = sum(len(samples[0].prompt_token_ids) for samples in results)
@@ -284,6 +369,7 @@ class RolloutServer:
             "object": kind,
             "created": int(time.time()),
             "model": self.model_name,
+            "weight_version": results[0][0].weight_version if results and results[0] else self.weight_version,
             "choices": choices,
             "usage": {
                 "prompt_tokens": prompt_tokens,
@@ -313,12 +399,14 @@ class RolloutServer:
 
     def weights_init(self, body: dict) -> dict:
         host, port = body.get("host"), body.get("port")
-        world_size, rank = body.get("world_size", 2), body.get("rank", 1)
-        backend, timeout_s = body.get("backend", "gloo"), body.get("timeout_s", 600)
-        if not isinstance(host, str) or not all(isinstance(v, int) for v in (port, world_size, rank)):
+        world_size, rank = get(body, "world_size", 2), get(body, "rank", 1)
+        backend, timeout_s = get(body, "backend", "gloo"), get(body, "timeout_s", 600)
+        if not isinstance(host, str) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in (port, world_size, rank)
+        ):
             raise InvalidRequestError("weights/init needs host (str), port, world_size and rank (ints)")
-        if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
-            raise InvalidRequestError(f"timeout_s must be a positive number, got {timeout_s!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= MAX_INIT_TIMEOUT_S:
+            raise InvalidRequestError(f"timeout_s must lie in (0, {MAX_INIT_TIMEOUT_S:g}] seconds, got {timeout_s!r}")
         if not 1 <= rank < world_size:
             raise InvalidRequestError(
                 f"rank must lie in [1, world_size) (rank 0 is the trainer), got {rank} of {world_size}"
@@ -326,90 +414,187 @@ class RolloutServer:
         if backend not in ("gloo", "nccl"):
             raise InvalidRequestError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
         with self._lock:
-            if self._transport is not None:
+            if self._joining:
+                raise HTTPError(409, "another weights/init is joining a group right now", "conflict_error")
+            if self._transport is not None and self._broken is None:
                 raise HTTPError(409, "already in a weight-sync group: POST /v1/weights/close first", "conflict_error")
-        device = "cpu" if backend == "gloo" else self.engine.device
-        transport = WeightTransport(host, port, rank, world_size, backend, device, float(timeout_s))
-        with self._lock:
-            self._transport = transport
+            if self._pending_update:
+                raise HTTPError(409, "a weight push is still being received", "conflict_error")
+            self._joining = True  # reserved: a second init now gets 409 until this one is done
+            stale, self._transport = self._transport, None
+        try:
+            if stale is not None:
+                stale.close()
+            device = "cpu" if backend == "gloo" else self.engine.device
+            try:
+                transport = WeightTransport(
+                    host, port, rank, world_size, backend, device, float(timeout_s), op_timeout_s=self.weight_timeout_s
+                )
+            except Exception as e:
+                raise HTTPError(
+                    504, f"could not join the weight-sync group at {host}:{port}: {type(e).__name__}: {e}",
+                    "gateway_timeout",
+                ) from None
+            with self._lock:
+                self._transport, self._broken = transport, None
+        finally:
+            with self._lock:
+                self._joining = False
         return {"status": "connected", "rank": rank, "world_size": world_size}
 
     def weights_update(self, body: dict) -> dict:
-        tensors, bucket_bytes = body.get("tensors"), body.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
+        tensors, bucket_bytes = body.get("tensors"), get(body, "bucket_bytes", DEFAULT_BUCKET_BYTES)
         if not isinstance(tensors, list) or not tensors:
             raise WeightSyncError("weights/update needs 'tensors': a non-empty list of {name, shape, dtype}")
-        if not isinstance(bucket_bytes, int) or bucket_bytes < ALIGN:
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < ALIGN:
             raise WeightSyncError(f"bucket_bytes must be an integer >= {ALIGN}, got {bucket_bytes!r}")
         if not all(isinstance(t, dict) for t in tensors):
             raise WeightSyncError("each entry of 'tensors' must be an object {name, shape, dtype}")
         metas = [TensorMeta.from_json(t) for t in tensors]
         self.engine.weight_spec.check(metas)
-        version = _get(body, "version", self.weight_version + 1)
-        if not isinstance(version, int) or isinstance(version, bool):
+        version = get(body, "version", None)
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise WeightSyncError(f"version must be an integer, got {version!r}")
         with self._lock:
+            if self._broken is not None:
+                raise HTTPError(
+                    409, f"the weight-sync group is broken ({self._broken}): POST /v1/weights/close, then "
+                    "/v1/weights/init again", "conflict_error",
+                )
             if self._transport is None:
                 raise HTTPError(409, "no weight-sync group: POST /v1/weights/init first", "conflict_error")
-            if not self._update_done.wait_for(lambda: not self._pending_update, timeout=60):
+            if self._pending_update:
                 raise HTTPError(409, "a weight update is already in progress", "conflict_error")
+            if self.closing:
+                raise unavailable("the server is shutting down")
+            version = self.weight_version + 1 if version is None else version
             self._pending_update = True
-        self._scheduler.jobs.put(_UpdateJob(metas=metas, bucket_bytes=bucket_bytes, version=version))
-        return {"status": "accepted", "version": version}
+            self._push_id += 1
+            push_id, transport = self._push_id, self._transport
+        threading.Thread(
+            target=self._receive_push, args=(transport, push_id, metas, bucket_bytes, version),
+            name="rollout-weights", daemon=True,
+        ).start()
+        return {"status": "accepted", "version": version, "push_id": push_id}
 
-    def _apply_update(self, job: _UpdateJob) -> None:
-        """Receive and load a push (scheduler thread), then tell every member of the group how it went."""
-        assert self._transport is not None
-        code = 0
+    def _receive_push(
+        self, transport: WeightTransport, push_id: int, metas: list[TensorMeta], bucket_bytes: int, version: int
+    ) -> None:
+        """Receive an accepted push in a thread of its own, so generation goes on meanwhile, then
+        have the scheduler load it. The trainer learns the outcome over HTTP (/v1/weights/wait),
+        not over the group: a load that waits behind a long generation cannot time out a collective."""
         try:
-            named = self._transport.receive(job.metas, job.bucket_bytes)
-            self.engine.update_weights(named)
-            self.weight_version = job.version
-            self.last_weight_error = None
-        except Exception as e:
-            code = 1
-            self.last_weight_error = f"{type(e).__name__}: {e}"
+            named = transport.receive(metas, bucket_bytes)
+        except Exception as e:  # the sender never came, or left half-way: the group is unusable
+            self._break_group(push_id, f"receiving the push failed: {type(e).__name__}: {e}")
+            return
         try:
-            self._transport.reduce_status(code)
+            self._submit(_UpdateJob(named=named, version=version))
         except Exception as e:
-            self.last_weight_error = f"status exchange failed: {type(e).__name__}: {e}"
+            self._finish_push(push_id, ok=False, error=f"{type(e).__name__}: {e}")
+            return
+        self._finish_push(push_id, ok=True, error=None)
+
+    def _load_push(self, job: _UpdateJob) -> None:
+        """Load received weights into the engine (scheduler thread)."""
+        self.engine.update_weights(job.named, version=job.version)
+        self.weight_version = job.version
+
+    def _finish_push(self, push_id: int, *, ok: bool, error: str | None, broken: bool = False) -> None:
         with self._lock:
             self._pending_update = False
-            self._update_done.notify_all()
-        job.done.set()
+            self.last_weight_error = error
+            self._last_push = {"push_id": push_id, "ok": ok, "error": error, "broken": broken,
+                               "version": self.weight_version}
+            self._push_done.notify_all()
+
+    def _break_group(self, push_id: int, error: str) -> None:
+        with self._lock:
+            self._broken = error
+            transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        self._finish_push(push_id, ok=False, error=error, broken=True)
+
+    def weights_wait(self, body: dict) -> dict:
+        push_id, timeout_s = body.get("push_id"), get(body, "timeout_s", MAX_WAIT_S)
+        if not isinstance(push_id, int) or isinstance(push_id, bool):
+            raise InvalidRequestError(f"push_id must be an integer, got {push_id!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s < 0:
+            raise InvalidRequestError(f"timeout_s must be a number >= 0, got {timeout_s!r}")
+        with self._lock:
+            self._push_done.wait_for(
+                lambda: self._last_push is not None and self._last_push["push_id"] >= push_id,
+                timeout=min(float(timeout_s), MAX_WAIT_S),
+            )
+        return self.weights_state()
 
     def weights_state(self) -> dict:
-        return {
-            "connected": self._transport is not None,
-            "version": self.weight_version,
-            "pending": self._pending_update,
-            "last_error": self.last_weight_error,
-        }
+        with self._lock:
+            return {
+                "connected": self._transport is not None and self._broken is None,
+                "broken": self._broken,
+                "version": self.weight_version,
+                "pending": self._pending_update,
+                "last_error": self.last_weight_error,
+                "last_push": self._last_push,
+            }
 
     def weights_close(self, body: dict) -> dict:
         with self._lock:
-            if not self._update_done.wait_for(lambda: not self._pending_update, timeout=60):
+            # A push in progress ends within the weight timeout (received or broken) plus the load.
+            if not self._push_done.wait_for(lambda: not self._pending_update, timeout=self.weight_timeout_s + 5):
                 raise HTTPError(409, "a weight update is in progress", "conflict_error")
-            if self._transport is not None:
-                self._transport.close()
-            self._transport = None
+            transport, self._transport, self._broken = self._transport, None, None
+        if transport is not None:
+            transport.close()
         return {"status": "closed"}
 
+    # ---- sleep / wake -----------------------------------------------------------------------
+
+    def sleep(self, body: dict) -> dict:
+        level = get(body, "level", 1)
+        if level not in (1, 2) or isinstance(level, bool):
+            raise InvalidRequestError(f"level must be 1 (offload weights) or 2 (drop weights), got {level!r}")
+        with self._lock:
+            self.asleep = True  # new generation requests get 503 from now on
+        self._submit(_CallJob(call=lambda: self.engine.sleep(level=level)))
+        return {"status": "asleep", "level": level}
+
+    def wake_up(self, body: dict) -> dict:
+        self._submit(_CallJob(call=self.engine.wake_up))
+        with self._lock:
+            self.asleep = False
+        return {"status": "awake"}
+
+    # ---- health -----------------------------------------------------------------------------
+
     def health(self) -> dict:
-        return {
-            "status": "ok",
+        stalled = self._scheduler.stalled_for()
+        if self.closing:
+            status = "shutting_down"
+        elif stalled > self.stall_timeout_s:
+            status = "stalled"
+        else:
+            status = "asleep" if self.asleep else "ok"
+        out = {
+            "status": status,
             "model": self.model_name,
             "backend": self.backend,
             "weight_version": self.weight_version,
+            "running": self._scheduler.running,  # requests in the engine call in progress
+            "queued": self._scheduler.jobs.qsize(),  # jobs waiting for the scheduler's next turn
         }
+        if status == "stalled":
+            out["message"] = f"the engine call in progress has made no step for {stalled:.0f} s"
+        return out
+
+    def health_response(self) -> tuple[int, dict]:
+        out = self.health()
+        return (200 if out["status"] in ("ok", "asleep") else 503), out
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "membuilder"}]}
-
-
-def _get(body: dict, key: str, default: Any) -> Any:
-    """A request field, with JSON null meaning "not given" as OpenAI clients use it."""
-    value = body.get(key)
-    return default if value is None else value
 
 
 def _flatten_message(index: int, message: Any) -> dict:
@@ -424,79 +609,11 @@ def _flatten_message(index: int, message: Any) -> dict:
     return {"role": message.get("role"), "content": content}
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    # The listen backlog: socketserver's default of 5 resets connections when many clients
-    # (a trainer's rollout burst) connect at once.
-    request_queue_size = 1024
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # one line per request is noise here
-        return
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def _dispatch(self, method: str) -> None:
-        app: RolloutServer = self.server.app  # type: ignore[attr-defined]
-        routes = {
-            ("GET", "/health"): lambda b: app.health(),
-            ("GET", "/v1/models"): lambda b: app.models(),
-            ("POST", "/v1/chat/completions"): app.chat_completions,
-            ("POST", "/v1/completions"): app.completions,
-            ("POST", "/v1/weights/init"): app.weights_init,
-            ("POST", "/v1/weights/update"): app.weights_update,
-            ("GET", "/v1/weights"): lambda b: app.weights_state(),
-            ("POST", "/v1/weights/close"): app.weights_close,
-        }
-        try:
-            body = self._read_body() if method == "POST" else {}
-            path = self.path.split("?", 1)[0]
-            route = routes.get((method, path))
-            if route is None:
-                raise HTTPError(404, f"no route {method} {path}", "not_found_error")
-            if app.api_key and path != "/health" and self.headers.get("Authorization") != f"Bearer {app.api_key}":
-                raise HTTPError(401, "missing or wrong API key", "authentication_error")
-            self._send(200, route(body))
-        except HTTPError as e:
-            self._send(e.status, {"error": {"message": e.message, "type": e.kind, "code": e.status}})
-        except (InvalidRequestError, WeightSyncError) as e:
-            self._send(400, {"error": {"message": str(e), "type": "invalid_request_error", "code": 400}})
-        except Exception as e:
-            self._send(500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "internal_error", "code": 500}})
-
-    def _read_body(self) -> dict:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise HTTPError(411, "a JSON body with a Content-Length header is required")
-        if int(length) > MAX_BODY_BYTES:
-            raise HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        raw = self.rfile.read(int(length))
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise HTTPError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-        return body
-
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status, HTTPStatus(status).phrase)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
 def build_engine(args: argparse.Namespace) -> Any:
     """The engine the command line asks for."""
+    template_kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else None
+    if template_kwargs is not None and not isinstance(template_kwargs, dict):
+        raise SystemExit("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
     if args.backend == "hf":
         import torch
 
@@ -509,12 +626,15 @@ def build_engine(args: argparse.Namespace) -> Any:
             max_batch_size=args.max_batch_size,
             max_model_len=args.max_model_len,
             gguf_file=args.gguf_file,
+            chat_template_kwargs=template_kwargs,
         )
     if args.gguf_file:
         raise SystemExit("--gguf-file works with --backend hf; for vLLM save the model with save_pretrained first")
     from rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    return VLLMEngine(
+        args.model, dtype=args.dtype, max_model_len=args.max_model_len, chat_template_kwargs=template_kwargs
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -530,7 +650,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch-size", type=int, default=64, help="sequences per transformers generate call")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model (transformers backend)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--chat-template-kwargs", default=None,
+                   help="JSON object for the chat template, e.g. '{\"enable_thinking\": false}' (per request too)")
+    p.add_argument("--weight-timeout-s", type=float, default=120.0, help="bound on each wait of a weight push")
+    p.add_argument("--request-timeout-s", type=float, default=60.0, help="socket timeout for a client's request")
+    p.add_argument("--stall-timeout-s", type=float, default=300.0,
+                   help="an engine call without a step for this long makes /health report 'stalled'")
+    p.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, how long the engine call in progress may still run")
     args = p.parse_args(argv)
+    stop = threading.Event()
+    # Installed before the engine starts so a signal during start-up also ends the process cleanly.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
     engine = build_engine(args)
     server = RolloutServer(
         engine,
@@ -539,15 +671,25 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host,
         port=args.port,
         api_key=args.api_key,
+        weight_timeout_s=args.weight_timeout_s,
+        request_timeout_s=args.request_timeout_s,
+        stall_timeout_s=args.stall_timeout_s,
     ).start()
     print(f"rollout server listening on {server.url}", flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
+    while not stop.wait(timeout=1.0):
         pass
-    finally:
-        server.shutdown()
+    print("rollout server shutting down", file=sys.stderr, flush=True)
+    clean = server.shutdown(grace_s=args.shutdown_grace_s)
+    if clean:
         engine.close()
+    else:
+        print("the engine call did not stop after cancellation; exiting without closing it", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without the interpreter's teardown: threads of gloo (a weight-sync group) or of the
+    # engine that are still alive at that point make it abort ("terminate called without an
+    # active exception"); everything that needed closing is closed.
+    os._exit(0 if clean else 1)
 
 
 if __name__ == "__main__":

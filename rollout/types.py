@@ -8,12 +8,27 @@ A prompt is one of three things, told apart by type:
 
 Every backend returns, per prompt, `n` `Completion`s whose `logprobs` are the log-probabilities of
 the sampled tokens under the model's unmodified next-token distribution (log-softmax of the raw
-logits: temperature 1, no top-p), the quantity `trainers.logprobs` computes with temperature 1.
+logits: temperature 1, no top-p), the quantity `trainers.logprobs` computes with temperature 1. They are not the log-probs of the
+distribution that was sampled from when `temperature != 1` or `top_p < 1`: a trainer that needs
+those (e.g. as "old" log-probs of an importance ratio at T = 0.8) must recompute them.
+
+Seeds (the same on every backend): `seed=None` draws fresh randomness on every call. With
+`seed=s` a call is reproducible: the same prompts with the same parameters and the same weights
+give the same samples again, on every call (so a trainer that wants new samples each step must
+pass a new seed each step, e.g. derived from the step number). Within one call, prompt i samples
+with a seed derived from (s, i), so identical prompts in one call still get different samples,
+and the n samples of one prompt differ from each other. Backends differ in one respect: vLLM
+seeds every prompt on its own, so a prompt's samples do not depend on its batch-mates; the
+transformers backend drives each call from one generator, so its samples do depend on the whole
+call (same call, same samples). Seeds lie in [0, 2**63 - 1] (`MAX_SEED`): a 64-bit hash must be
+reduced first, e.g. `h % (MAX_SEED + 1)`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -23,6 +38,7 @@ from torch import Tensor
 Message = Mapping[str, str]
 Prompt = str | Sequence[Message] | Sequence[int]
 FinishReason = Literal["stop", "length"]
+MAX_SEED = 2**63 - 1  # vLLM's samplers keep seeds in int64: a larger one fails inside its scheduler
 
 
 class RolloutError(Exception):
@@ -34,7 +50,11 @@ class InvalidRequestError(RolloutError, ValueError):
 
 
 class WeightSyncError(RolloutError, ValueError):
-    """A weight update that was refused (unknown name, wrong shape, missing tensors, ...)."""
+    """A weight update that was refused (unknown name, wrong shape, missing tensors, ...) or failed."""
+
+
+class GenerationCancelled(RolloutError):
+    """A `generate` call stopped by the engine's `cancel()` (e.g. a server shutting down)."""
 
 
 @dataclass(frozen=True)
@@ -64,15 +84,23 @@ class SamplingParams:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if (
-            not isinstance(self.temperature, (int, float))
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
             or not math.isfinite(self.temperature)
             or self.temperature < 0
         ):
             raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must lie in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise InvalidRequestError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InvalidRequestError(
+                f"seed must lie in [0, 2**63 - 1], got {self.seed}; reduce a 64-bit hash with "
+                f"h % 2**63 first"
+            )
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop strings must be non-empty strings, got {s!r}")
@@ -80,6 +108,39 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def per_prompt_params(params: SamplingParams | Sequence[SamplingParams], count: int) -> list[SamplingParams]:
+    """One `SamplingParams` per prompt: `params` repeated, or a list of `count` of them checked."""
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    if isinstance(params, (str, bytes)) or not isinstance(params, Sequence):
+        raise InvalidRequestError(f"params must be SamplingParams or a list of them, got {type(params).__name__}")
+    params = list(params)
+    if len(params) != count or not all(isinstance(p, SamplingParams) for p in params):
+        raise InvalidRequestError(f"a list of params needs one SamplingParams per prompt: {len(params)} for {count}")
+    return params
+
+
+def prompt_seeds(params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]]) -> list[int | None]:
+    """The seed each prompt samples with (module docstring): derived from the call's seed, the
+    prompt's tokens and how many identical prompts with the same seed came before it in the call,
+    so identical prompts get different randomness and a prompt's seed does not depend on its
+    batch-mates. Each derived seed leaves room for the `n - 1` consecutive seeds vLLM gives a
+    prompt's samples (seed + j for sample j)."""
+    seen: dict[tuple[int, tuple[int, ...]], int] = {}
+    out: list[int | None] = []
+    for p, ids in zip(params, prompt_ids, strict=True):
+        if p.seed is None:
+            out.append(None)
+            continue
+        key = (p.seed, tuple(ids))
+        occurrence = seen.get(key, 0)
+        seen[key] = occurrence + 1
+        h = hashlib.blake2b(f"{p.seed}:{occurrence}:".encode(), digest_size=8)
+        h.update(array("q", ids).tobytes())
+        out.append(int.from_bytes(h.digest(), "little") % (MAX_SEED + 2 - p.n))
+    return out
 
 
 @dataclass(frozen=True)
@@ -91,6 +152,9 @@ class Completion:
     logprobs: tuple[float, ...]  # [len(token_ids)] log p(token_t | prompt, tokens_<t)
     text: str
     finish_reason: FinishReason
+    # The engine's weight version when this sample was generated (0: the weights it started
+    # with; each push sets a new one), None where the backend does not say.
+    weight_version: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
@@ -109,7 +173,19 @@ class RolloutEngine(Protocol):
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Load the complete set of policy weights (Hugging Face names); refuse, unchanged, on error."""
+        """Load the complete set of policy weights (Hugging Face names); refuse, unchanged, on error.
+
+        Every engine also takes `version=` (int): the weight version later completions report;
+        without it the version goes up by one."""
+        ...
+
+    def sleep(self, level: int = 1) -> None:
+        """Free accelerator memory while the trainer runs (1: offload weights, 2: drop them, a push
+        must follow); `generate` is refused until `wake_up`. A no-op where there is nothing to free."""
+        ...
+
+    def wake_up(self) -> None:
+        """Undo `sleep` (after a level-2 sleep, only once weights were pushed)."""
         ...
 
     def close(self) -> None:

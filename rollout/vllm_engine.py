@@ -16,6 +16,16 @@ parameters would not reach the weights the kernels use. Tied names (`lm_head.wei
 sent: the reload unties modules while loading, and a module that receives nothing keeps its old
 packed copy. Afterwards the prefix cache is reset, since cached KV blocks hold old-weight values.
 
+vLLM logs "RotaryEmbedding: Failed to load weights" on every reload: its layer-wise reload counts
+the rotary layer's precomputed cos/sin cache as loadable, no checkpoint holds it, so it warns and
+puts the layer's own cache back, unchanged (outputs are exact: see the weight-push tests). The
+engine filters out exactly that message; any other layer failing to load is still logged.
+
+Generation runs vLLM's engine loop here (`_run`) rather than `LLM.generate`, for three things:
+the call's requests are aborted if anything raises (vLLM leaves them in the engine otherwise, and
+every later call steps them again and fails, for ever), `cancel()` stops a call from another
+thread, and `progress` counts engine steps for the rollout server's health check.
+
 Top-p on CPU: vLLM's sampler sorts the whole vocabulary of every row at every step, a third of a
 decode step for SmolLM2 at top-p 0.9. On CPU the engine therefore asks vLLM for `top_p = 1` and
 applies the same nucleus through `rollout.nucleus.NucleusLogitsProcessor` (vLLM's logits-processor
@@ -28,8 +38,11 @@ trainer runs; `update_weights` wakes only the weights before loading; `wake_up()
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,12 +53,30 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from rollout.chat import encode_prompts, eos_token_ids, finish_completion
+from rollout.chat import check_length, eos_token_ids, finish_completion, render_prompt
 from rollout.nucleus import TOP_P_KEY, make_vllm_processor
-from rollout.types import Completion, Prompt, SamplingParams
+from rollout.types import (
+    Completion,
+    GenerationCancelled,
+    Prompt,
+    SamplingParams,
+    per_prompt_params,
+    prompt_seeds,
+)
 from rollout.weight_sync import DEFAULT_BUCKET_BYTES, WeightSpec, full_tensor, plan_buckets, tensor_metas
 
 _MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's warning about the rotary embedding's cache on reload (module docstring)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
+_ROTARY_FILTER = _RotaryReloadFilter()
 
 
 def _keep_engine_in_process() -> None:
@@ -145,8 +176,12 @@ class VLLMEngine:
         self._asleep = False
         self._weights_awake = True
         self._weights_valid = True  # False after a level-2 sleep until the next push
+        self.weight_version = 0
+        self.progress = 0  # engine steps taken so far: the rollout server's sign of life
+        self._state_lock = threading.Lock()
+        self._running = self._cancelled = False
 
-    def _vllm_params(self, params: SamplingParams):
+    def _vllm_params(self, params: SamplingParams, seed: int | None):
         from vllm import SamplingParams as VLLMSamplingParams
 
         top_p, extra_args = float(params.top_p), None
@@ -160,7 +195,7 @@ class VLLMEngine:
             top_p=top_p,
             extra_args=extra_args,
             max_tokens=params.max_tokens,
-            seed=params.seed,
+            seed=seed,
             stop=list(params.stop) or None,
             stop_token_ids=None if params.ignore_eos else sorted(self.eos_ids),
             ignore_eos=params.ignore_eos,
@@ -170,36 +205,104 @@ class VLLMEngine:
             skip_special_tokens=True,
         )
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Completion]]:
-        """`params.n` completions per prompt (see `rollout.types.RolloutEngine`)."""
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[list[Completion]]:
+        """`n` completions per prompt (see `rollout.types.RolloutEngine`); `params` may be one
+        `SamplingParams` per prompt. Not reentrant: one call at a time (the rollout server's
+        scheduler is the only caller there); `cancel()` may be called from any thread."""
         if self._asleep:
             raise RuntimeError("the engine is asleep: call wake_up() before generate()")
         if not prompts:
             return []
-        prompt_ids = encode_prompts(
-            self.tokenizer, prompts, params.max_tokens, vocab_size=self.vocab_size,
-            max_model_len=self.max_model_len, chat_template_kwargs=self.chat_template_kwargs,
-        )
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": ids} for ids in prompt_ids], self._vllm_params(params), use_tqdm=self.show_progress
-        )
+        per_prompt = per_prompt_params(params, len(prompts))
+        prompt_ids = []
+        for prompt, p in zip(prompts, per_prompt, strict=True):
+            ids = render_prompt(
+                self.tokenizer, prompt, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                chat_template_kwargs=self.chat_template_kwargs,
+            )
+            check_length(ids, p.max_tokens, self.max_model_len)
+            prompt_ids.append(ids)
+        seeds = prompt_seeds(per_prompt, prompt_ids)
+        vllm_params = [self._vllm_params(p, seed) for p, seed in zip(per_prompt, seeds, strict=True)]
+        version = self.weight_version
+        outputs = self._run([{"prompt_token_ids": ids} for ids in prompt_ids], vllm_params)
         results = []
-        for ids, out in zip(prompt_ids, outputs, strict=True):
+        for ids, p, out in zip(prompt_ids, per_prompt, outputs, strict=True):
             samples = []
             for o in sorted(out.outputs, key=lambda o: o.index):
                 logprobs = [step[t].logprob for t, step in zip(o.token_ids, o.logprobs, strict=True)]
-                samples.append(finish_completion(self.tokenizer, ids, o.token_ids, logprobs, params, self.eos_ids))
+                c = finish_completion(self.tokenizer, ids, o.token_ids, logprobs, p, self.eos_ids)
+                samples.append(dataclasses.replace(c, weight_version=version))
             results.append(samples)
         return results
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Push a complete set of Hugging Face-named weights into the engine's model (module docstring)."""
+    def _run(self, inputs: list[dict], vllm_params: list) -> list:
+        """Add the requests and step the engine until they finish (vLLM's `LLM.generate` loop, plus
+        a step counter for the server's health check, cancellation, and clean-up on failure).
+
+        If anything raises (a request vLLM's scheduler cannot serve, `cancel()`, KeyboardInterrupt),
+        the call's unfinished requests are aborted before the error propagates: left in the engine
+        they would be stepped, and fail, again on every later call, which never returns."""
+        engine = self.llm.llm_engine
+        with self._state_lock:
+            self._running, self._cancelled = True, False
+        request_ids: list[str] = []
+        try:
+            request_ids = self.llm.enqueue(inputs, vllm_params, use_tqdm=False)
+            finished = {}
+            with tqdm(total=len(inputs), desc="generate (vLLM)", disable=not self.show_progress) as bar:
+                while engine.has_unfinished_requests():
+                    if self._cancelled:
+                        raise GenerationCancelled("generation cancelled (the server is shutting down?)")
+                    step_outputs = engine.step()
+                    self.progress += 1
+                    for out in step_outputs:
+                        if out.finished:
+                            finished[out.request_id] = out
+                            bar.update(1)
+            if len(finished) != len(inputs):
+                raise RuntimeError(f"vLLM finished {len(finished)} of {len(inputs)} requests")
+            return [finished[k] for k in sorted(finished, key=int)]
+        except BaseException:
+            self._abort(request_ids)
+            raise
+        finally:
+            with self._state_lock:
+                self._running = False
+
+    def _abort(self, request_ids: list[str]) -> None:
+        engine = self.llm.llm_engine
+        try:
+            if request_ids:
+                engine.abort_request(request_ids, internal=True)
+            # Drain what the abort left behind (outputs of the aborted requests) so the next call
+            # starts from an empty engine.
+            for _ in range(16):
+                if not engine.has_unfinished_requests():
+                    break
+                engine.step()
+        except Exception:  # the original error is what the caller needs to see
+            pass
+
+    def cancel(self) -> None:
+        """Make the `generate` call in progress (if any) stop at its next engine step and raise
+        `GenerationCancelled`; safe to call from any thread."""
+        with self._state_lock:
+            if self._running:
+                self._cancelled = True
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], *, version: int | None = None) -> None:
+        """Push a complete set of Hugging Face-named weights into the engine's model (module docstring);
+        completions report `version` from now on (default: the previous version + 1)."""
         named = list(named_tensors)
         self.weight_spec.check(tensor_metas(named))
         # vLLM's layer-wise reload unties tied modules while loading; a module that receives no
         # tensor keeps its old kernel state (on CPU the LM head's packed copy of the tied
         # embedding), so every tied name must be sent.
         named = self.weight_spec.with_aliases(named)
+        logging.getLogger(_RELOAD_LOGGER).addFilter(_ROTARY_FILTER)  # idempotent
         if self._asleep and not self._weights_awake:
             self.llm.wake_up(tags=["weights"])
             self._weights_awake = True
@@ -209,6 +312,7 @@ class VLLMEngine:
         if not self._asleep:  # sleeping cleared the prefix cache already; wake_up resets it again
             self.llm.reset_prefix_cache()
         self._weights_valid = True
+        self.weight_version = self.weight_version + 1 if version is None else int(version)
 
     def _stream(self, named: list[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
         start = 0

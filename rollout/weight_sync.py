@@ -195,7 +195,9 @@ class WeightTransport:
     """One member of a weight-sync process group; rank 0 (the trainer) sends, the others receive.
 
     Rank 0 hosts the TCP store at `host:port`; every member must construct its transport at about
-    the same time (construction waits for all of them, up to `timeout_s`).
+    the same time (construction waits for all of them, up to `timeout_s`). `op_timeout_s` (default
+    `timeout_s`) bounds each collective: a broadcast or status exchange whose peer never shows up
+    raises after that long, and the group is unusable afterwards (build a new one).
     """
 
     def __init__(
@@ -207,6 +209,7 @@ class WeightTransport:
         backend: str = "gloo",
         device: str | torch.device = "cpu",
         timeout_s: float = 600.0,
+        op_timeout_s: float | None = None,
     ):
         if world_size < 2 or not 0 <= rank < world_size:
             raise ValueError(f"need world_size >= 2 and 0 <= rank < world_size, got rank {rank} of {world_size}")
@@ -223,10 +226,13 @@ class WeightTransport:
         else:
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
         self._store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout, wait_for_workers=False)
+        op_timeout = datetime.timedelta(seconds=timeout_s if op_timeout_s is None else op_timeout_s)
         if backend == "gloo":
-            self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, timeout)
+            self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, op_timeout)
         else:
-            self._pg = dist.ProcessGroupNCCL(self._store, rank, world_size)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = op_timeout
+            self._pg = dist.ProcessGroupNCCL(self._store, rank, world_size, options)
 
     def _broadcast(self, t: Tensor, root: int) -> None:
         opts = dist.BroadcastOptions()

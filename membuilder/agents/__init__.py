@@ -11,7 +11,9 @@ from .backends import (
     LLMAgentBackend,
     run_backend,
 )
-from .builder import AgentRecord, CompressionRecord, MemoryBuilder, SessionRecord, state_digest
+from .apply import AgentApplication, SessionApplication, apply_agent_outputs
+from .builder import MemoryBuilder, state_digest
+from .records import AgentRecord, CompressionRecord, SessionRecord, read_records, write_records
 from .expert import AnnotationExpert
 from .parsing import ParsedOutput, find_json_object, parse_agent_output
 from .prompts import (
@@ -28,10 +30,10 @@ from .prompts import (
 from .schema import agent_schema, compression_schema, response_format
 
 __all__ = [
-    "AGENT_KINDS", "AgentBackend", "AgentContext", "AgentGenerationError", "AgentRecord", "AgentReply",
+    "AGENT_KINDS", "AgentApplication", "AgentBackend", "AgentContext", "AgentGenerationError", "AgentRecord", "AgentReply",
     "AnnotationExpert", "CompressionRecord", "DetailedAgentBackend", "LLMAgentBackend", "MemoryBuilder",
     "ParsedOutput", "PromptBudgetError", "RenderedPrompt", "SessionRecord", "agent_schema", "chars_for_tokens",
     "compression_schema", "find_json_object", "parse_agent_output", "render_compression_prompt",
     "render_prompt", "render_session_prompts", "response_format", "run_backend", "select_entries",
-    "session_query", "state_digest",
+    "session_query", "state_digest", "SessionApplication", "apply_agent_outputs", "read_records", "write_records",
 ]

@@ -9,9 +9,11 @@ For each session (DESIGN section 2, REFERENCE item 3):
    says why; it is never silently dropped and never partly applied;
 3. a core change that would pass the core limit triggers the compression step (one bounded call
    asking the same backend to REWRITE the block under the limit); the step is recorded;
-4. all parsed operations go to `bank.apply(..., skip_invalid=True)` once: one transaction. The
-   operations the bank rejects (an id that does not exist, the wrong kind, a REPLACE whose
-   old_text is absent...) are dropped and their reasons recorded with the agent that wrote them.
+4. all parsed operations go to `bank.apply(..., skip_invalid=True)` once: one transaction
+   (`membuilder.agents.apply.apply_agent_outputs`, which the reward uses too). The operations the
+   bank rejects (an id that does not exist, the wrong kind, a REPLACE whose old_text is absent...)
+   are dropped and their reasons recorded with the agent that wrote them; each record also
+   carries the RL validity gate's verdict on the agent's answer (`AgentRecord.valid`).
 
 Nothing is applied twice: a retried or re-asked agent contributes only its final answer, and a
 late answer after `agent_timeout_s` is discarded. `add_session` is not idempotent: calling it twice
@@ -24,19 +26,21 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from membuilder.bank import ApplyResult, MemoryBank
+from membuilder.bank import MemoryBank
 from membuilder.datasets import Conversation, Session, SessionAnnotation
-from membuilder.operations import CoreAppend, CoreReplace, CoreRewrite, Operation, operation_to_dict
-from membuilder.snapshots import state_digest
-from membuilder.types import BankState, InvalidInputError, MemoryKind
+from membuilder.operations import CoreRewrite
+from membuilder.snapshots import state_digest  # noqa: F401  (re-exported by membuilder.agents)
+from membuilder.types import InvalidInputError, MemoryKind
 
+from .apply import apply_agent_outputs
 from .backends import AgentBackend, AgentContext, AgentGenerationError, AgentReply, run_backend
 from .parsing import parse_agent_output
+from .records import AgentRecord, CompressionRecord, SessionRecord  # noqa: F401  (moved there; re-exported)
 from .prompts import (
     AGENT_KINDS,
     DEFAULT_MAX_ENTRY_CHARS,
@@ -50,92 +54,6 @@ from .prompts import (
 )
 
 
-@dataclass(frozen=True)
-class CompressionRecord:
-    """The core compression step: its prompt, raw answer, the REWRITE it gave, or why it failed."""
-
-    messages: list[dict]
-    raw_output: str | None
-    operation: CoreRewrite | None
-    error: str | None
-    proposed_chars: int = 0  # length the agent's change would have given the block
-
-    def to_dict(self) -> dict:
-        return {"messages": self.messages, "raw_output": self.raw_output,
-                "operation": operation_to_dict(self.operation) if self.operation else None,
-                "error": self.error, "proposed_chars": self.proposed_chars}
-
-
-@dataclass(frozen=True)
-class AgentRecord:
-    """One agent's work for one session: the expert-trajectory format.
-
-    `operations` are those applied (parsed, minus the ones the bank rejected; for a compressed core
-    change, the compression's REWRITE); `parsed` all that the answer held; `rejected` the bank's
-    reasons; `error` why the agent's work was lost (backend failure, timeout, unparsable answer,
-    failed compression), None when it was not. `attempts` are earlier raw answers that failed.
-    """
-
-    kind: MemoryKind
-    messages: list[dict]
-    raw_output: str | None
-    operations: tuple[Operation, ...]
-    rejected: tuple[str, ...]
-    error: str | None
-    parsed: tuple[Operation, ...] = ()
-    attempts: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-    compression: CompressionRecord | None = None
-    entry_ids: tuple[str, ...] = ()  # the entries shown in the prompt
-    omitted_turns: tuple[str, ...] = ()
-    elapsed_s: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict:
-        return {
-            "kind": self.kind.value, "messages": self.messages, "raw_output": self.raw_output,
-            "operations": [operation_to_dict(op) for op in self.operations],
-            "parsed": [operation_to_dict(op) for op in self.parsed],
-            "rejected": list(self.rejected), "error": self.error, "attempts": list(self.attempts),
-            "notes": list(self.notes), "compression": self.compression.to_dict() if self.compression else None,
-            "entry_ids": list(self.entry_ids), "omitted_turns": list(self.omitted_turns),
-            "elapsed_s": self.elapsed_s,
-        }
-
-
-@dataclass(frozen=True)
-class SessionRecord:
-    owner: str
-    session_id: str
-    state_before: BankState | None  # None when the builder was told not to snapshot
-    agents: dict[MemoryKind, AgentRecord]
-    result: ApplyResult
-    session_index: int = 0
-    backend: str = ""
-
-    @property
-    def errors(self) -> dict[MemoryKind, str]:
-        return {k: r.error for k, r in self.agents.items() if r.error is not None}
-
-    def to_dict(self, *, with_state: bool = False) -> dict:
-        """JSON-ready record; the state before is kept as a digest unless `with_state`."""
-        out = {
-            "owner": self.owner, "session_id": self.session_id, "session_index": self.session_index,
-            "backend": self.backend,
-            "state_before_sha256": state_digest(self.state_before) if self.state_before else None,
-            "agents": {k.value: r.to_dict() for k, r in self.agents.items()},
-            "result": {"created": list(self.result.created), "updated": list(self.result.updated),
-                       "retired": list(self.result.retired), "core_changed": self.result.core_changed,
-                       "rejected": [r.reason for r in self.result.rejected]},
-        }
-        if with_state and self.state_before is not None:
-            out["state_before"] = self.state_before.to_dict()
-        return out
-
-
 @dataclass
 class _Outcome:
     reply: AgentReply | None = None
@@ -144,21 +62,6 @@ class _Outcome:
     attempts: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     elapsed_s: float = 0.0
-    operations: list[Operation] = field(default_factory=list)
-
-
-def _proposed_core(core: str, ops: Sequence[Operation]) -> str:
-    """The core block the agent's operations would give if there were no limit (as the bank joins)."""
-    text = core
-    for op in ops:
-        if isinstance(op, CoreAppend):
-            text = f"{text}\n{op.content}" if text else op.content
-        elif isinstance(op, CoreReplace):
-            if op.old_text in text:
-                text = text.replace(op.old_text, op.new_text, 1)
-        elif isinstance(op, CoreRewrite):
-            text = op.content
-    return text
 
 
 class MemoryBuilder:
@@ -207,68 +110,24 @@ class MemoryBuilder:
                                        speakers=speakers, core_limit=bank.core_limit)
                     for kind in AGENT_KINDS}
         outcomes = self._run_agents(prompts, contexts)
-        parsed: dict[MemoryKind, tuple[Operation, ...]] = {}
-        for kind, outcome in outcomes.items():
-            if outcome.error is not None:
-                continue
-            result = parse_agent_output(kind, outcome.reply.text)
-            if result.ok:
-                parsed[kind] = result.operations
-                outcome.operations = list(result.operations)
-            else:
-                outcome.error = f"unparsable answer: {result.error}"
-
-        compression = None
-        core_rejected: list[str] = []
-        core_out = outcomes[MemoryKind.CORE]
-        if core_out.error is None and core_out.operations:
-            proposed = _proposed_core(core, core_out.operations)
-            if len(proposed) > bank.core_limit:
-                core_rejected.append(f"the core change would make the block {len(proposed)} characters, "
-                                     f"over the limit of {bank.core_limit}")
-                if self.compress_core:
-                    compression = self._compress(proposed, contexts[MemoryKind.CORE])
-                    if compression.operation is not None:
-                        core_out.operations = [compression.operation]
-                    else:
-                        core_out.error = f"core change over the limit and compression failed: {compression.error}"
-                        core_out.operations = []
-                else:
-                    core_out.error = "core change over the limit (compression is off)"
-                    core_out.operations = []
-
-        batch: list[Operation] = []
-        owners: list[tuple[MemoryKind, int]] = []
-        for kind in AGENT_KINDS:
-            for j, op in enumerate(outcomes[kind].operations):
-                batch.append(op)
-                owners.append((kind, j))
-        result = bank.apply(batch, session_id=session.session_id, skip_invalid=True)
-        rejected: dict[MemoryKind, list[str]] = {kind: [] for kind in AGENT_KINDS}
-        rejected[MemoryKind.CORE].extend(core_rejected)
-        dropped: set[int] = set()
-        for r in result.rejected:
-            kind, j = owners[r.index]
-            dropped.add(r.index)
-            rejected[kind].append(f"operations[{j}] {r.operation.action}: {r.reason}")
-        applied: dict[MemoryKind, list[Operation]] = {kind: [] for kind in AGENT_KINDS}
-        for i, (op, (kind, _)) in enumerate(zip(batch, owners)):
-            if i not in dropped:
-                applied[kind].append(op)
+        applied = apply_agent_outputs(
+            bank, {kind: out.raw_output for kind, out in outcomes.items() if out.error is None},
+            session_id=session.session_id,
+            errors={kind: out.error for kind, out in outcomes.items() if out.error is not None},
+            compress=(lambda proposed: self._compress(proposed, contexts[MemoryKind.CORE]))
+            if self.compress_core else None)
 
         records = {}
         for kind in AGENT_KINDS:
-            out = outcomes[kind]
-            prompt = prompts[kind]
+            out, app, prompt = outcomes[kind], applied.agents[kind], prompts[kind]
             records[kind] = AgentRecord(
-                kind=kind, messages=prompt.messages, raw_output=out.raw_output, operations=tuple(applied[kind]),
-                rejected=tuple(rejected[kind]), error=out.error, parsed=parsed.get(kind, ()),
-                attempts=out.attempts, notes=out.notes,
-                compression=compression if kind is MemoryKind.CORE else None,
+                kind=kind, messages=prompt.messages, raw_output=out.raw_output, operations=app.applied,
+                rejected=app.rejected, error=app.error, parsed=app.parsed, attempts=out.attempts,
+                notes=out.notes, compression=app.compression,
                 entry_ids=tuple(e.id for e in prompt.entries), omitted_turns=prompt.omitted_turns,
-                elapsed_s=out.elapsed_s)
+                elapsed_s=out.elapsed_s, valid=app.valid)
         return SessionRecord(owner=bank.owner, session_id=session.session_id, state_before=state_before,
-                             agents=records, result=result, session_index=session_index,
+                             agents=records, result=applied.result, session_index=session_index,
                              backend=self.backend.name)
 
     def build(self, bank: MemoryBank, conversation: Conversation, *, max_sessions: int | None = None,

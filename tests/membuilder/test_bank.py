@@ -227,3 +227,31 @@ def test_index_survives_reopen_and_restore(bank, store, clock):
     assert [h.entry.id for h in bank.search("bicycle")] == ["S1"]
     fresh = MemoryBank(store, "alice", clock=clock)  # a new object over the same store
     assert [h.entry.text for h in fresh.search("bicycle")] == ["red bicycle"]
+
+
+def test_a_date_only_end_includes_that_whole_day(bank):
+    """Issue 11 item 6: ("2023-05-08", "2023-05-08") is the whole of May 8, not its first instant."""
+    from datetime import date
+
+    bank.apply([
+        Add(E, "tea at dawn", "2023-05-08T00:00:00"),
+        Add(E, "tea at dusk", "2023-05-08T23:59:59"),
+        Add(E, "tea the next day", "2023-05-09"),
+        Add(E, "tea the night before", "2023-05-07T23:59:59"),
+        Add(E, "tea on the day", "2023-05-08"),
+    ])
+    ids = lambda hits: sorted(h.entry.id for h in hits)  # noqa: E731
+    assert ids(bank.search("tea", time_range=("2023-05-08", "2023-05-08"))) == ["E1", "E2", "E5"]
+    assert ids(bank.search("tea", time_range=(None, date(2023, 5, 8)))) == ["E1", "E2", "E4", "E5"]
+    # a datetime end is exact: noon excludes the evening
+    assert ids(bank.search("tea", time_range=(None, "2023-05-08T12:00:00"))) == ["E1", "E4", "E5"]
+
+
+def test_bad_time_ranges_are_clear_errors(bank):
+    bank.apply([Add(E, "tea", "2023-05-08")])
+    with pytest.raises(InvalidInputError, match="starts .* after it ends"):
+        bank.search("tea", time_range=("2023-05-09", "2023-05-08"))
+    with pytest.raises(InvalidInputError, match=r"time_range must be \(start, end\)"):
+        bank.search("tea", time_range=("2023-05-09",))
+    with pytest.raises(InvalidInputError, match="not an ISO-8601"):
+        bank.search("tea", time_range=("yesterday", None))

@@ -253,3 +253,24 @@ def test_cached_embedder_computes_only_misses():
     cache.embed(["b"])  # evicted, so computed again
     assert inner.calls[-1] == ["b"] and (cache.hits, cache.misses) == (6, 5)
     assert cache.embed([]).shape == (0, 24) and len(inner.calls) == 4
+
+
+def test_cache_never_stores_a_nan_answer():
+    """Issue 11 item 5: a NaN answer is an error, and a retry asks the model again."""
+    from membuilder.embedders import EmbeddingError
+
+    class FlakyNaN(HashingEmbedder):
+        calls = 0
+
+        def embed(self, texts):
+            self.calls += 1
+            out = super().embed(texts)
+            return out * np.nan if self.calls == 1 else out
+
+    inner = FlakyNaN(dim=8)
+    cached = CachedEmbedder(inner)
+    with pytest.raises(EmbeddingError, match="non-finite"):
+        cached.embed(["tea"])
+    assert len(cached) == 0
+    np.testing.assert_array_equal(cached.embed(["tea"]), HashingEmbedder(dim=8).embed(["tea"]))
+    assert inner.calls == 2

@@ -51,3 +51,30 @@ def test_session_reward_round_trip_keeps_masks():
         again.sample("semantic", 0)
     with pytest.raises(RewardInputError, match="finite"):
         SampleReward.from_dict({**samples[0].to_dict(), "reward": float("nan")})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("valid", "false", "valid must be true or false"),
+    ("masked", 1, "masked must be true or false"),
+    ("weight", None, "must be numbers"),
+    ("retrieval_counts", {"episodic": -1}, "retrieval_counts"),
+    ("output_tokens", 2.5, "output_tokens"),
+])
+def test_sample_from_dict_is_strict(field, value, message):
+    d = SampleReward("core", 0, True, 0.5, 0.0, 0.5, 1.0, None).to_dict()
+    d[field] = value
+    with pytest.raises(RewardInputError, match=message):
+        SampleReward.from_dict(d)
+
+
+def test_zero_weight_survives_the_round_trip():
+    # a weight of 0 is a value, not a missing one (a bug once turned it into 1.0)
+    s = SampleReward("episodic", 3, True, 0.0, 0.25, 0.0, 0.0, None)
+    assert SampleReward.from_dict(s.to_dict()).weight == 0.0
+
+
+def test_qa_and_reward_lists_are_type_checked():
+    with pytest.raises(RewardInputError, match="qa.source must be a string"):
+        QAPair.from_dict({"question": "q", "answer": "a", "source": 5})
+    with pytest.raises(RewardInputError, match="task_rewards"):
+        SessionReward.from_dict({"session_id": "s", "samples": [], "task_rewards": ["x"]})

@@ -107,3 +107,60 @@ def test_bad_weight_update_leaves_the_engine_unchanged(engine, trained, corrupt,
     with pytest.raises(WeightSyncError, match=match):
         engine.update_weights(corrupt(list(trained.named_parameters())))
     assert all(torch.equal(before[n], p) for n, p in engine.model.named_parameters())
+
+
+def test_completions_carry_the_weight_version(tiny_dir, trained):
+    engine = HFEngine(tiny_dir)
+    params = SamplingParams(temperature=0, max_tokens=3)
+    assert [c.weight_version for c in engine.generate(PROMPTS[:1], params)[0]] == [0]  # the loaded checkpoint
+    engine.update_weights(trained.named_parameters())
+    assert engine.generate(PROMPTS[:1], params)[0][0].weight_version == 1  # each push without a version: + 1
+    engine.update_weights(trained.named_parameters(), version=17)
+    assert engine.generate(PROMPTS[:1], params)[0][0].weight_version == 17
+    with pytest.raises(WeightSyncError):
+        engine.update_weights(list(trained.named_parameters())[:-1], version=18)
+    assert engine.weight_version == 17  # a refused push changes nothing, the version included
+
+
+def test_per_prompt_params_give_what_separate_calls_give(engine):
+    short, long = SamplingParams(temperature=0, max_tokens=2), SamplingParams(temperature=0, max_tokens=7)
+    mixed = engine.generate(PROMPTS[:3], [short, long, short])
+    alone = [engine.generate([p], q)[0] for p, q in zip(PROMPTS[:3], [short, long, short], strict=True)]
+    assert [[c.token_ids for c in s] for s in mixed] == [[c.token_ids for c in s] for s in alone]
+    assert [len(s[0].token_ids) for s in mixed] == [2, 7, 2]  # tiny random weights: no early EOS here
+
+
+def test_cancel_stops_the_call_in_progress_and_the_engine_stays_usable(tiny_dir):
+    from rollout.types import GenerationCancelled
+
+    engine = HFEngine(tiny_dir)
+    forward = engine.model.forward
+    calls = []
+
+    def forward_then_cancel(*args, **kwargs):  # as if another thread called cancel() mid-call
+        calls.append(1)
+        if len(calls) == 3:
+            engine.cancel()
+        return forward(*args, **kwargs)
+
+    engine.model.forward = forward_then_cancel
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    with pytest.raises(GenerationCancelled):
+        engine.generate(PROMPTS[:2], params)
+    assert len(calls) < 50  # it stopped early, not after the 50 steps
+    engine.model.forward = forward
+    engine.cancel()  # no call in progress: nothing to cancel, the next call runs whole
+    (c,) = engine.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    assert len(c.token_ids) == 5
+
+
+def test_sleep_refuses_generation_until_wake_up(engine):
+    params = SamplingParams(temperature=0, max_tokens=4)
+    before = engine.generate(PROMPTS[:1], params)
+    engine.sleep(level=1)
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(PROMPTS[:1], params)
+    engine.wake_up()
+    assert [c.token_ids for c in engine.generate(PROMPTS[:1], params)[0]] == [c.token_ids for c in before[0]]
+    with pytest.raises(ValueError, match="sleep level"):
+        engine.sleep(level=3)

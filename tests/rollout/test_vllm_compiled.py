@@ -25,14 +25,17 @@ def test_compiled_engine_follows_pushes_both_ways(tiny_dir, original, trained, m
     engine = VLLMEngine(tiny_dir, dtype="float32", enforce_eager=False)
     try:
         params = SamplingParams(temperature=0, max_tokens=10)
-        before = engine.generate(PROMPTS, params)
+        def answers():  # completions also carry the weight version, which every push changes
+            return [[c.token_ids for c in samples] for samples in engine.generate(PROMPTS, params)]
+
+        before = answers()
         for model in (trained, original):
             engine.update_weights(model.named_parameters())
             for prompt, (c,) in zip(PROMPTS, engine.generate(PROMPTS, params), strict=True):
                 tokens, lps = greedy_reference(model, render_prompt(engine.tokenizer, prompt), 10, engine.eos_ids)
                 assert list(c.token_ids) == tokens
                 torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(lps), atol=1e-4, rtol=0)
-            changed = engine.generate(PROMPTS, params) != before
+            changed = answers() != before
             assert changed == (model is trained)  # the trained weights do answer differently
     finally:
         engine.close()

@@ -181,22 +181,62 @@ def test_server_with_vllm_backend_takes_a_push_from_another_process(engine, orig
     from tests.rollout.gloo_peer import perturbed_model, push_perturbed
 
     engine.update_weights(original.named_parameters())
+    version = engine.weight_version  # the server reports the engine's version, and each push adds 1
     server = RolloutServer(engine, model_name="tiny", backend="vllm", port=0).start()
     try:
         trainer = mp.get_context("spawn").Process(target=push_perturbed, args=(server.url, str(tiny_dir), 7))
         trainer.start()
         trainer.join(timeout=300)
         assert trainer.exitcode == 0
-        assert RemoteEngine(server.url).request("GET", "/v1/weights")["version"] == 1
+        assert RemoteEngine(server.url).request("GET", "/v1/weights")["version"] == version + 1
         pushed = perturbed_model(str(tiny_dir), 7)  # the same bits the trainer process sent
         (c,) = RemoteEngine(server.url).generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=10))[0]
         tokens, lps = greedy_reference(pushed, render_prompt(engine.tokenizer, PROMPTS[1]), 10, engine.eos_ids)
-        assert list(c.token_ids) == tokens
+        assert list(c.token_ids) == tokens and c.weight_version == version + 1
         torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(lps), atol=1e-5, rtol=0)
     finally:
         server.shutdown()
 
 
+def test_a_request_vllm_fails_on_is_aborted_and_the_engine_stays_usable(engine, original, monkeypatch):
+    """A seed past int64 (now refused by SamplingParams) made vLLM's scheduler step raise and left
+    the request in the engine, failing every later call; any such failure must abort the call's
+    requests. The bad seed is slipped past our validation to get the real vLLM error."""
+    engine.update_weights(original.named_parameters())
+    params = SamplingParams(n=2, max_tokens=4, seed=3)
+    before = engine.generate(PROMPTS, params)
+    make = engine._vllm_params
+    monkeypatch.setattr(engine, "_vllm_params", lambda p, seed: make(p, 2**64))
+    with pytest.raises(Exception, match="Overflow"):
+        engine.generate(PROMPTS[:2], params)
+    monkeypatch.undo()
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+    after = engine.generate(PROMPTS, params)
+    assert [[c.token_ids for c in s] for s in after] == [[c.token_ids for c in s] for s in before]
+
+
+def test_seeds_weight_versions_and_per_prompt_params(engine, original, trained):
+    engine.update_weights(original.named_parameters(), version=3)
+    seeded = SamplingParams(max_tokens=8, seed=5)
+    same = engine.generate([PROMPTS[1]] * 3, seeded)
+    # Identical prompts in one seeded call get different samples; the call as a whole repeats.
+    assert len({s[0].token_ids for s in same}) == 3
+    assert [s[0].token_ids for s in engine.generate([PROMPTS[1]] * 3, seeded)] == [s[0].token_ids for s in same]
+    # A prompt's samples do not depend on its batch-mates.
+    assert engine.generate([PROMPTS[1]], seeded)[0][0].token_ids == same[0][0].token_ids
+    assert {c.weight_version for s in same for c in s} == {3}
+    short, long = SamplingParams(temperature=0, max_tokens=2), SamplingParams(temperature=0, max_tokens=6)
+    mixed = engine.generate(PROMPTS[:2], [short, long])
+    assert [s[0].token_ids for s in mixed] == [
+        engine.generate([PROMPTS[0]], short)[0][0].token_ids,
+        engine.generate([PROMPTS[1]], long)[0][0].token_ids,
+    ]
+    engine.update_weights(trained.named_parameters())
+    assert engine.generate(PROMPTS[:1], short)[0][0].weight_version == 4
+
+
+# Keep last: closing a second in-process engine tears down vLLM's process-wide parallel state,
+# which the module's engine shares; tests after it would find that engine unusable.
 def test_close_gives_the_process_its_environment_and_threads_back(tiny_dir, monkeypatch):
     """vLLM's start-up rewrites os.environ (LD_PRELOAD, LOCAL_WORLD_SIZE, ...) and turns
     torch.set_num_threads into a no-op; processes started after close() must not inherit that."""
