@@ -22,6 +22,14 @@ evidence turns all lie in that session; three candidates are scored: the expert'
 empty outputs, and the expert's outputs of another session of the same conversation (the next
 one; the previous one for the last session). Mean task reward per LoCoMo category and overall.
 The same on the bundled synthetic world data when `membuilder.world` is present.
+
+Part 3 (can a policy farm the reward?). On the same sessions, with the full reward (length penalty
+on, whitespace tokens on both sides, the expert's own lengths): the expert's outputs against the
+expert's outputs with the semantic agent's replaced by a gaming output (the session transcript as
+one ADD, the same with its full stops removed so that it is one "sentence", every capitalised word
+and number of the session as one ADD, an abstention note, the expert's operations repeated ten
+times), or the core agent's by a REWRITE to an empty block. Mean over sessions of T, of the gaming
+agent's reward and length penalty, and of the other three agents' reward (they share T).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import tempfile
 import time
@@ -247,10 +256,67 @@ def world_sessions(snapshots: SnapshotStore, embedder, n_conversations: int, ses
     return out
 
 
+# --- part 3 ----------------------------------------------------------------------------------------
+
+# (candidate, the agent that games in it)
+FARMS = (("expert", "semantic"), ("transcript as one ADD", "semantic"), ("transcript as one sentence", "semantic"),
+         ("every name and number", "semantic"), ("abstention note", "semantic"),
+         ("expert's operations x10", "semantic"), ("core block emptied (core REWRITE \"\")", "core"))
+
+
+def _add(memory: str) -> str:
+    return json.dumps({"operations": [{"action": "ADD", "memory": memory}]})
+
+
+def farm_outputs(session, expert: dict) -> list[dict]:
+    """The candidates of part 3, in `FARMS` order: the expert's, then one agent gaming."""
+    from membuilder.agents.parsing import find_json_object
+
+    text = " ".join(f"{m.speaker}: {m.text}" for m in session.messages)
+    one_sentence = re.sub(r"[.!?\n]+", ",", text)
+    names = sorted(set(re.findall(r"\b[A-Z][a-z]+\b|\b\d+\b", text)))
+    found, _, _ = find_json_object(expert.get("semantic") or "")
+    repeated = (json.dumps({"operations": found["operations"] * 10})
+                if isinstance(found, dict) and isinstance(found.get("operations"), list) else expert.get("semantic"))
+    gaming = [_add(text), _add(one_sentence), _add("Mentioned: " + ", ".join(names)),
+              _add("Anything else about them is not mentioned and unknown."), repeated]
+    return ([dict(expert)] + [{**expert, "semantic": g} for g in gaming]
+            + [{**expert, "core": json.dumps({"action": "REWRITE", "content": ""})}])
+
+
+def farming(items, snapshots: SnapshotStore, embedder) -> dict[str, dict[str, float]]:
+    """{candidate: {"T", "R gaming", "l gaming", "R others", "sessions"}}, means over sessions."""
+    answerer, judge = ExtractiveAnswerer(), RuleJudge()
+    sums: dict[str, dict[str, float]] = {f: defaultdict(float) for f, _ in FARMS}
+    for owner, sid, session, expert, qa_by_cat in tqdm(items, desc="farming", leave=False):
+        qa = tuple(q for qs in qa_by_cat.values() for q in qs)
+        if not qa or not session.messages:
+            continue
+        req = SessionRewardRequest(owner=owner, snapshot_id=sid, session_id=session.session_id, qa=qa,
+                                   expert_tokens={a: whitespace_tokens(t or "") for a, t in expert.items()},
+                                   outputs=tuple(farm_outputs(session, expert)),
+                                   session_date=session.date.isoformat() if session.date else None)
+        [r] = score_session([req], snapshots=snapshots, token_counter=whitespace_tokens, answerer=answerer,
+                            judge=judge, config=RewardConfig(), embedder=embedder)
+        if any(s.masked for s in r.samples):
+            continue
+        for g, (name, agent) in enumerate(FARMS):
+            sem = r.sample(agent, g)
+            others = [s.reward for s in r.samples if s.index == g and s.agent != agent]
+            acc = sums[name]
+            acc["T"] += r.task_rewards[g]
+            acc["R gaming"] += sem.reward
+            acc["l gaming"] += sem.length_penalty
+            acc["R others"] += sum(others) / len(others)
+            acc["sessions"] += 1
+    return {f: {k: (v / d["sessions"] if k != "sessions" else v) for k, v in d.items()}
+            for f, d in sums.items() if d["sessions"]}
+
+
 # --- report ----------------------------------------------------------------------------------------
 
 
-def report(args, rows, locomo, world, elapsed: float) -> str:
+def report(args, rows, locomo, world, elapsed: float, farms: dict | None = None) -> str:
     lines = ["# Reward benchmark", "",
              f"Command: `python -m benchmarks.bench_reward {' '.join(args.argv)}`".rstrip(), "",
              f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}, "
@@ -306,6 +372,34 @@ def report(args, rows, locomo, world, elapsed: float) -> str:
         best = ans[0] > max(ans[1:])
         lines += ["", f"Expert outputs score highest over the answerable questions: **{'yes' if best else 'no'}** "
                       f"({ans[0]:.3f} vs {ans[1]:.3f} empty and {ans[2]:.3f} another session's)."]
+    lines += ["", "## 3. Can a policy farm the reward?", ""]
+    if not farms:
+        lines.append("Not run (--skip-part2, or the data or package is absent).")
+        return "\n".join(lines) + "\n"
+    lines += ["Full reward (length penalty on, whitespace tokens on both sides, the expert's own lengths; "
+              "extractive answerer, rule judge, hashing embedder). Candidates: the expert's outputs, and the "
+              "expert's outputs with one agent's answer replaced by a gaming one (the semantic agent's, the core "
+              "agent's in the last row). Means over sessions (all QA types). \"R gaming\": the gaming sample's "
+              "reward; \"R others\": the other three agents' (they share T).", ""]
+    for title, table in farms.items():
+        if not table:
+            continue
+        lines += [f"{title} ({int(table['expert']['sessions'])} sessions):", "",
+                  "| gaming output | T | R gaming | length penalty | R others |", "|---|---|---|---|---|"]
+        for name, row in table.items():
+            lines.append(f"| {name} | {row['T']:.3f} | {row['R gaming']:.3f} | {row['l gaming']:.3f} | "
+                         f"{row['R others']:.3f} |")
+        lines.append("")
+    lines += ["Before the extractive answer was bounded (`ExtractiveAnswerer.max_answer_words`), \"transcript as "
+              "one sentence\" was answered whole for every question and the rule judge found every gold answer "
+              "inside it: on the world data (4 conversations) T 0.683 against the expert's 0.496. What remains "
+              "is not a fault of the offline answerer: a verbatim transcript is real information that an LLM "
+              "answerer would use too, and the length penalty is its only price; with `min_diff` = 200 tokens "
+              "a session shorter than the expert's answer plus 200 tokens is stored whole for free (the world "
+              "sessions are), while on LoCoMo's long sessions the penalty bites (see `reward/score.py`). The last row "
+              "shows a blind spot of the offline answerer: it reads retrieved entries only, never the core block, "
+              "so the core agent's offline reward cannot tell a good core block from an empty one (an LLM "
+              "answerer is shown the core block)."]
     return "\n".join(lines) + "\n"
 
 
@@ -328,18 +422,21 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         rows = throughput(args.sizes, args.reps, args.group, args.questions, tmp)
         locomo = world = None
+        farms: dict[str, dict] = {}
         if not args.skip_part2:
             from membuilder.datasets import default_data_dir
             path = args.locomo or default_data_dir() / "locomo" / "locomo10.json"
             embedder = HashingEmbedder(dim=384)
             snapshots = SnapshotStore(tmp / "p2")
             if path.exists():
-                locomo = discrimination(locomo_sessions(path, snapshots, embedder, args.locomo_conversations),
-                                        snapshots, embedder)
+                locomo_items = locomo_sessions(path, snapshots, embedder, args.locomo_conversations)
+                locomo = discrimination(locomo_items, snapshots, embedder)
+                farms["LoCoMo, annotation expert"] = farming(locomo_items, snapshots, embedder)
             items = world_sessions(snapshots, embedder, args.world_conversations)
             if items is not None:
                 world = discrimination(items, snapshots, embedder)
-    text = report(args, rows, locomo, world, time.perf_counter() - started)
+                farms["Synthetic world, world expert"] = farming(items, snapshots, embedder)
+    text = report(args, rows, locomo, world, time.perf_counter() - started, farms)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

@@ -8,11 +8,19 @@ LoCoMo's last session date, and the prompt says it is that); the agreed answer w
 nothing relevant is `NOT_ANSWERABLE` ("Not answerable").
 
 Answerers:
-- `LLMAnswerer`: any OpenAI-compatible chat model through `membuilder.llm.LLMClient`;
+- `LLMAnswerer`: any OpenAI-compatible chat model through `membuilder.llm.LLMClient`; a reply
+  cut off, still thinking or empty is an error (`UnusableAnswerError`), never an answer to judge;
 - `ExtractiveAnswerer`: offline and deterministic, no model. It answers with the retrieved
   sentence that shares the largest fraction of the question's content words (ties: the better
   retrieval rank, then the earlier sentence), prefixed with that entry's event date; below
   `min_overlap` it answers "Not answerable". It is a floor for the pipeline, not a reader.
+  Answers are bounded: a sentence longer than `max_answer_words` (40) whitespace words is cut into
+  consecutive pieces of that many words, each then a sentence of its own. The cut does not depend
+  on the question, so a memory written as one giant "sentence" answers no better than the same
+  words written as sentences. Without the bound such a memory (a whole session transcript with
+  its full stops removed, a list of every name mentioned) was returned whole for every question,
+  and a containment judge (`RuleJudge`) then found any gold answer inside it:
+  a reward an RL policy could farm (measured in benchmarks/results/reward.md).
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from typing import Protocol, Sequence
 
 from membuilder.bank import MemoryBank, SearchResult
 from membuilder.datasets import NOT_ANSWERABLE, Question
-from membuilder.llm import LLMClient, LLMError
+from membuilder.llm import ChatResult, LLMClient, LLMError
+from membuilder.thinking import strip_think_blocks
 from membuilder.retrieval import tokenize
 from membuilder.types import time_to_posix
 
@@ -33,6 +42,7 @@ __all__ = [
     "AnswerContext", "AnswerRecord", "Answerer", "ExtractiveAnswerer", "LLMAnswerer",
     "answer_question", "answer_with_context", "build_answer_context", "order_by_event_time",
     "render_answer_prompt", "format_date", "question_current_date", "kinds_count", "content_words",
+    "UnusableAnswerError", "unusable_answer_reason",
 ]
 
 DEFAULT_TOP_K = 10
@@ -171,11 +181,41 @@ def answer_question(bank: MemoryBank, question: Question, answerer: Answerer, *,
 
 # --- answerers ------------------------------------------------------------------------------------
 
-_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+class UnusableAnswerError(LLMError):
+    """The answer model replied, but with no usable answer (cut off, still thinking, empty).
+
+    An `LLMError`, so `answer_with_context` records it as an error: such a question is neither
+    right nor wrong, and a rerun that retries errors asks the model again.
+    """
+
+
+def unusable_answer_reason(result: ChatResult) -> str | None:
+    """Why a completion holds no usable answer, or None when its visible text is the answer.
+
+    Unusable: cut by the token limit (`finish_reason="length"`: the answer may be partial), a
+    `<think>` block never closed (the model stopped while thinking), nothing left once the
+    think-blocks are removed (`membuilder.thinking`, the rules the agents' parser uses too: text
+    before an orphan `</think>` is thinking, never the answer), or text that is not valid Unicode.
+    """
+    if result.truncated:
+        return "the answer was cut off by the token limit (finish_reason=length)"
+    stripped = strip_think_blocks(result.text)
+    if stripped.unterminated:
+        return "the answer model stopped inside an unterminated <think> block"
+    if not stripped.text.strip():
+        what = " once think-blocks are removed" if result.text.strip() else ""
+        return f"the answer model returned an empty answer{what} (finish_reason={result.finish_reason})"
+    try:
+        stripped.text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: no record or judge could take it
+        return f"the answer is not valid Unicode (lone surrogate {exc.object[exc.start]!r} at {exc.start})"
+    return None
 
 
 class LLMAnswerer:
-    """Answers with a chat model; the reply (think-blocks removed, stripped) is the answer."""
+    """Answers with a chat model; the reply's visible text (think-blocks removed, stripped) is the
+    answer. A reply without a usable answer (`unusable_answer_reason`) raises
+    `UnusableAnswerError`, and is never served from, nor written to, the response cache."""
 
     def __init__(self, client: LLMClient, model: str | None = None, *, temperature: float = 0.0,
                  max_tokens: int = 256):
@@ -187,11 +227,12 @@ class LLMAnswerer:
 
     def answer(self, question: Question, context: AnswerContext) -> str:
         result = self.client.chat(context.prompt, model=self.model, temperature=self.temperature,
-                                  max_tokens=self.max_tokens)
-        text = _THINK.sub("", result.text).strip()
-        if not text:
-            raise LLMError(f"answer model returned an empty answer (finish_reason={result.finish_reason})")
-        return text
+                                  max_tokens=self.max_tokens,
+                                  cache_if=lambda r: unusable_answer_reason(r) is None)
+        problem = unusable_answer_reason(result)
+        if problem is not None:
+            raise UnusableAnswerError(problem)
+        return strip_think_blocks(result.text).text.strip()
 
 
 # Function words that say nothing about which memory answers a question.
@@ -214,14 +255,33 @@ def content_words(text: str) -> set[str]:
 @dataclass
 class ExtractiveAnswerer:
     """Offline extractive answerer (module docstring). `min_overlap` is the fraction of the
-    question's content words the best sentence must contain; below it: "Not answerable"."""
+    question's content words the best sentence must contain; below it: "Not answerable".
+    `max_answer_words` bounds the answer (a longer sentence is cut into pieces that long)."""
 
     min_overlap: float = 0.25
+    max_answer_words: int = 40
     name: str = field(default="extractive", init=False)
 
     def __post_init__(self):
         if not 0.0 < self.min_overlap <= 1.0:
             raise ValueError(f"min_overlap must be in (0, 1], got {self.min_overlap}")
+        if isinstance(self.max_answer_words, bool) or not isinstance(self.max_answer_words, int) \
+                or self.max_answer_words < 1:
+            raise ValueError(f"max_answer_words must be an integer >= 1, got {self.max_answer_words!r}")
+
+    def _pieces(self, text: str) -> list[str]:
+        """The sentences of `text`, each longer than `max_answer_words` words cut into consecutive
+        pieces of that many words (boundaries that do not depend on the question)."""
+        pieces = []
+        for sentence in _SENTENCE.split(text):
+            words = sentence.split()
+            if len(words) <= self.max_answer_words:
+                if words:
+                    pieces.append(sentence.strip())
+                continue
+            pieces += [" ".join(words[i:i + self.max_answer_words])
+                       for i in range(0, len(words), self.max_answer_words)]
+        return pieces
 
     def answer(self, question: Question, context: AnswerContext) -> str:
         wanted = content_words(question.question)
@@ -232,11 +292,11 @@ class ExtractiveAnswerer:
         best: tuple[float, int, int] | None = None
         best_text, best_hit = "", None
         for rank, hit in enumerate(ranked):
-            for pos, sentence in enumerate(s for s in _SENTENCE.split(hit.entry.text) if s.strip()):
+            for pos, sentence in enumerate(self._pieces(hit.entry.text)):
                 overlap = len(wanted & content_words(sentence)) / len(wanted)
                 key = (-overlap, rank, pos)
                 if best is None or key < best:
-                    best, best_text, best_hit = key, sentence.strip(), hit
+                    best, best_text, best_hit = key, sentence, hit
         if best is None or -best[0] < self.min_overlap:
             return NOT_ANSWERABLE
         when = format_date(best_hit.entry.event_time, with_time=False)

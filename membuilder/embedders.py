@@ -246,9 +246,11 @@ class SentenceTransformerEmbedder:
 class OpenAIEmbedder:
     """Embeddings from an OpenAI-compatible endpoint through the `openai` client.
 
-    Base URL: argument, else MEMBUILDER_EMBED_BASE_URL, else OPENAI_BASE_URL, else OpenAI's.
-    Key: argument, else MEMBUILDER_EMBED_API_KEY, else OPENAI_API_KEY; a custom base URL may go
-    without one (local servers ignore it). Each text is cut to `max_chars` characters so a long
+    Endpoint and key as `membuilder.llm.LLMConfig.embedding_endpoint`: base URL argument, else
+    MEMBUILDER_EMBED_BASE_URL, else the chat endpoint (MEMBUILDER_LLM_BASE_URL / OPENAI_BASE_URL),
+    else OpenAI's; a separate embeddings endpoint gets only its own key (argument, else
+    MEMBUILDER_EMBED_API_KEY), the chat endpoint the chat key as fallback; a custom base URL may
+    go without one (local servers ignore it). Each text is cut to `max_chars` characters so a long
     input (a whole session used as a query) never passes the model's input limit; inputs go in
     batches of `batch_size`. Retries with backoff are the client's (`max_retries`). The client
     is created on the first request; `dim` is `dimensions` or learned from the first answer
@@ -270,22 +272,19 @@ class OpenAIEmbedder:
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be a non-empty str, got {model!r}")
         self.model = model
-        self.base_url = (
-            base_url
-            or os.environ.get("MEMBUILDER_EMBED_BASE_URL")
-            or os.environ.get("OPENAI_BASE_URL")
-            or None
-        )
-        key = api_key or os.environ.get("MEMBUILDER_EMBED_API_KEY") or os.environ.get(
-            "OPENAI_API_KEY"
-        )
+        # one configuration path with `membuilder.llm.LLMClient.embed` (its module doc has the
+        # rule): a separate embeddings endpoint never receives the chat or OpenAI key
+        from .llm import LOCAL_PLACEHOLDER_KEY, LLMConfig
+
+        endpoint = LLMConfig.from_env(embedding_base_url=base_url, embedding_api_key=api_key)
+        self.base_url, key = endpoint.embedding_endpoint()
         if not key:
             if self.base_url is None:
                 raise ValueError(
                     "no API key for the OpenAI embeddings endpoint: pass api_key or set "
                     "MEMBUILDER_EMBED_API_KEY / OPENAI_API_KEY (or give a local base_url)"
                 )
-            key = "EMPTY"
+            key = LOCAL_PLACEHOLDER_KEY
         self._api_key = key
         self.batch_size = _check_positive_int(batch_size, "batch_size")
         self.max_chars = _check_positive_int(max_chars, "max_chars")

@@ -30,9 +30,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
-from membuilder.agents.parsing import find_json_object, strip_think
+from membuilder.agents.parsing import find_json_object
 from membuilder.datasets import NOT_ANSWERABLE, Question
-from membuilder.llm import LLMClient, LLMError
+from membuilder.llm import ChatResult, LLMClient, LLMError
+from membuilder.thinking import strip_think_blocks
+from membuilder.types import InvalidInputError, check_text, excerpt
 
 __all__ = [
     "Judge", "Verdict", "RuleJudge", "LLMJudge", "JudgeOutputError", "normalize_tokens",
@@ -195,24 +197,38 @@ class JudgeOutputError(ValueError):
 def parse_judge_output(raw: str) -> Verdict:
     """Strictly parse `{"verdict": "CORRECT"|"WRONG", "reason": str}`.
 
-    Repair is limited to removing think-blocks and code fences and taking the first balanced
-    object; the object must have exactly those two keys; the verdict is compared case-insensitively.
+    Repair is limited to removing think-blocks (`membuilder.thinking`, the agents' rules) and code
+    fences and taking the first balanced object; the object must have exactly those two keys; the
+    verdict is compared case-insensitively. Whatever the text, the only exception is
+    `JudgeOutputError` (the agents' object finder never raises on model text).
     """
     if not isinstance(raw, str):
         raise JudgeOutputError(f"judge output is a {type(raw).__name__}, not text")
-    text, _ = strip_think(raw)
-    obj, _, error = find_json_object(text)  # the agents' parser: string-aware, fences skipped
+    stripped = strip_think_blocks(raw)
+    obj, _, error = find_json_object(stripped.text)  # the agents' parser: string-aware, fences skipped
     if error is not None:
-        raise JudgeOutputError(error)
+        raise JudgeOutputError(error + (f"; {stripped.note}" if stripped.note else ""))
     keys = set(obj)
     if keys != {"verdict", "reason"}:
-        raise JudgeOutputError(f"expected keys ['reason', 'verdict'], got {sorted(keys)}")
+        raise JudgeOutputError(f"expected keys ['reason', 'verdict'], got {excerpt(sorted(keys), 200)}")
     verdict, reason = obj["verdict"], obj["reason"]
     if not isinstance(verdict, str) or verdict.strip().upper() not in ("CORRECT", "WRONG"):
-        raise JudgeOutputError(f"verdict must be 'CORRECT' or 'WRONG', got {verdict!r}")
+        raise JudgeOutputError(f"verdict must be 'CORRECT' or 'WRONG', got {excerpt(verdict)}")
     if not isinstance(reason, str):
         raise JudgeOutputError(f"reason must be a string, got {type(reason).__name__}")
+    try:
+        check_text(reason, "reason")  # a lone surrogate would break every record written later
+    except InvalidInputError as exc:
+        raise JudgeOutputError(str(exc)) from None
     return Verdict(verdict.strip().upper() == "CORRECT", reason.strip())
+
+
+def _parses(result: ChatResult) -> bool:
+    try:
+        parse_judge_output(result.text)
+    except JudgeOutputError:
+        return False
+    return True
 
 
 class LLMJudge:
@@ -220,7 +236,8 @@ class LLMJudge:
 
     An unparseable output is re-asked (bypassing the response cache) up to `max_retries` more
     times; if every attempt is unparseable, or the client fails after its own transport retries,
-    the verdict is an error (`correct=None`), not WRONG.
+    the verdict is an error (`correct=None`), not WRONG. Only a parseable verdict is cached, so a
+    rerun never replays an unparseable one.
     """
 
     def __init__(self, client: LLMClient, *, model: str | None = None, max_retries: int = 2,
@@ -240,7 +257,8 @@ class LLMJudge:
         for attempt in range(self.max_retries + 1):
             try:
                 result = self.client.chat(messages, model=self.model, temperature=self.temperature,
-                                          max_tokens=self.max_tokens, use_cache=attempt == 0)
+                                          max_tokens=self.max_tokens, use_cache=attempt == 0,
+                                          cache_if=_parses)
             except LLMError as exc:
                 return Verdict(None, "", error=f"judge call failed: {exc}")
             try:

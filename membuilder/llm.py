@@ -1,6 +1,10 @@
 """One OpenAI-compatible client for chat and embeddings (OpenAI, vLLM `serve`, our rollout server, ...).
 
 What it adds on top of the `openai` package, and why:
+- a whole-request deadline (`membuilder.llm_deadline`): `timeout_s` bounds each HTTP attempt
+  from connect to the last byte of the body (the SDK's own timeout is per read, so a server that
+  drips one byte at a time could hold a call for minutes); an attempt past its deadline is a
+  timeout, retried like one;
 - retries with exponential backoff and jitter on transient failures only (connection errors,
   timeouts, HTTP 408/409/429/5xx); any other 4xx fails at once. The SDK's own retries are off
   (`max_retries=0`) so every retry is ours and counted;
@@ -8,20 +12,28 @@ What it adds on top of the `openai` package, and why:
   request is on the wire (not during backoff sleeps);
 - thread-safe accounting of calls, HTTP requests, retries, failures, cache hits and tokens;
 - an optional SQLite response cache keyed by a hash of the full request (endpoint, model, messages,
-  every sampling parameter), so rerunning an evaluation does not pay twice;
+  every sampling parameter), so rerunning an evaluation does not pay twice. Only complete, usable
+  completions are stored (not one cut by the token limit or filtered, not an empty one, not one
+  the caller's `cache_if` refuses), and a stored one the caller refuses is asked again, so a rerun
+  that retries errors really asks the server again;
 - typed errors: a failure always raises an `LLMError` subclass carrying the cause; an error text
   is never returned as if it were an answer. A completion cut by the token limit
   (`finish_reason == "length"`) is returned as is, flagged `truncated`: the caller decides.
 
 Responses are read through `with_raw_response` and parsed here, so a malformed body (bad JSON,
-HTML, no `choices`) becomes an `LLMResponseError` naming what was wrong instead of a stray
-`JSONDecodeError` or `AttributeError` from inside the SDK.
+HTML, no `choices`, a `usage` that is not counts, duplicate embedding indices) becomes an
+`LLMResponseError` naming what was wrong instead of a stray `ValueError`, `TypeError` or
+`AttributeError` from inside the SDK or from a silently misordered result.
 
 Environment (explicit arguments win, then the MEMBUILDER_ names, then the OPENAI_ names):
 `MEMBUILDER_LLM_BASE_URL` / `OPENAI_BASE_URL`, `MEMBUILDER_LLM_API_KEY` / `OPENAI_API_KEY`,
 `MEMBUILDER_LLM_MODEL`; embeddings may use their own endpoint: `MEMBUILDER_EMBED_BASE_URL`,
-`MEMBUILDER_EMBED_API_KEY`, `MEMBUILDER_EMBED_MODEL` (falling back to the chat endpoint and key).
-A local server needs no key: when a base URL is set and no key is found, a placeholder is sent.
+`MEMBUILDER_EMBED_API_KEY`, `MEMBUILDER_EMBED_MODEL`. Without their own endpoint, embeddings go
+to the chat endpoint with the embeddings key, else the chat key; a separate embeddings endpoint
+gets the embeddings key only, never the chat or OpenAI key (it may be a third party's host).
+`LLMConfig.embedding_endpoint` is that rule, and `membuilder.embedders.OpenAIEmbedder` uses it
+too: one configuration path. A local server needs no key: when a base URL is set and no key is
+found, a placeholder is sent (`endpoint_api_key`).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import random
 import sqlite3
@@ -42,6 +55,7 @@ from typing import Any, Callable, Mapping, Sequence
 import openai
 from tqdm import tqdm
 
+from membuilder.llm_deadline import DeadlineSetupError, deadline_http_client, request_deadline
 from membuilder.types import MemBuilderError
 
 ENV_BASE_URL = ("MEMBUILDER_LLM_BASE_URL", "OPENAI_BASE_URL")
@@ -53,6 +67,7 @@ ENV_EMBED_MODEL = ("MEMBUILDER_EMBED_MODEL",)
 LOCAL_PLACEHOLDER_KEY = "not-needed"  # servers such as `vllm serve` accept any key
 
 TRANSIENT_STATUS = frozenset({408, 409, 429})  # plus every 5xx
+INCOMPLETE_FINISH_REASONS = frozenset({"length", "content_filter"})
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -78,6 +93,10 @@ class LLMRequestError(LLMError):
                  attempts: int = 1):
         super().__init__(message, cause=cause, attempts=attempts)
         self.status_code = status_code
+
+
+class LLMInputError(LLMError, ValueError):
+    """The request cannot be sent as given (e.g. a message that is not valid Unicode text)."""
 
 
 class LLMResponseError(LLMError):
@@ -108,7 +127,8 @@ def _env(names: Sequence[str], environ: Mapping[str, str]) -> str | None:
 class LLMConfig:
     """Endpoints, limits and cache of an `LLMClient`. Times are in seconds.
 
-    Backoff before retry k (0-based): `d = min(backoff_max_s, backoff_base_s * 2**k)`, then
+    `timeout_s` is a whole-request deadline per HTTP attempt (connect, send, wait, read the body);
+    each retry gets a fresh one. Backoff before retry k (0-based): `d = min(backoff_max_s, backoff_base_s * 2**k)`, then
     jittered down to `d * (1 - jitter * u)` with u uniform in [0, 1); a `Retry-After` header
     (seconds) raises the delay to at least its value, still capped at `backoff_max_s`.
     """
@@ -160,6 +180,24 @@ class LLMConfig:
             raise LLMConfigError(f"unknown LLMConfig fields: {sorted(unknown)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def embedding_endpoint(self) -> tuple[str | None, str | None]:
+        """(base URL, API key) for embeddings: see the module doc. The key may be None."""
+        if self.embedding_base_url:
+            # a separate endpoint never receives the chat endpoint's (or OpenAI's) key
+            return self.embedding_base_url, self.embedding_api_key
+        return self.base_url, self.embedding_api_key or self.api_key
+
+
+def endpoint_api_key(base_url: str | None, api_key: str | None) -> str:
+    """The key to send: `api_key`; a placeholder for a keyless local server; else `LLMConfigError`."""
+    if api_key:
+        return api_key
+    if base_url is None:
+        raise LLMConfigError(
+            "no API key and no base URL: set MEMBUILDER_LLM_API_KEY / OPENAI_API_KEY, or point "
+            "MEMBUILDER_LLM_BASE_URL at a local OpenAI-compatible server")
+    return LOCAL_PLACEHOLDER_KEY
 
 
 @dataclass(frozen=True)
@@ -215,6 +253,12 @@ class ChatResult:
     def truncated(self) -> bool:
         return self.finish_reason == "length"
 
+    @property
+    def is_complete(self) -> bool:
+        """The model finished on its own and said something: not cut by the token limit, not
+        filtered, not empty. Only such completions are cached."""
+        return self.finish_reason not in INCOMPLETE_FINISH_REASONS and bool(self.text.strip())
+
 
 @dataclass(frozen=True)
 class UsageStats:
@@ -260,6 +304,17 @@ class _Accounting:
 # --- response cache -----------------------------------------------------------------------------
 
 
+def _check_sendable(payload: Any, what: str) -> None:
+    """`LLMInputError` unless the request's JSON is valid UTF-8 (a lone surrogate such as
+    "\\ud83d", which a model can emit through a JSON escape, is not; the HTTP library would
+    raise a bare `UnicodeEncodeError` while sending it)."""
+    try:
+        json.dumps(payload, ensure_ascii=False, default=_json_default).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LLMInputError(f"{what} holds text that is not valid Unicode (lone surrogate "
+                            f"{exc.object[exc.start]!r}); nothing was sent", cause=exc) from None
+
+
 def request_cache_key(kind: str, base_url: str | None, payload: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of (kind, endpoint, full request payload)."""
     blob = json.dumps({"kind": kind, "base_url": base_url, "payload": payload},
@@ -297,8 +352,11 @@ class ResponseCache:
 
     def put(self, key: str, kind: str, value: Mapping[str, Any]) -> None:
         with self._lock:
+            # ASCII JSON: a reply holding a lone surrogate (invalid Unicode a server can send as a
+            # JSON escape) is stored escaped and read back unchanged, where raw text would make
+            # SQLite's UTF-8 encoding raise
             self._db.execute("INSERT OR REPLACE INTO responses (key, kind, value, created) VALUES (?, ?, ?, ?)",
-                             (key, kind, json.dumps(value, ensure_ascii=False), time.time()))
+                             (key, kind, json.dumps(value), time.time()))
             self._db.commit()
 
     def __len__(self) -> int:
@@ -338,26 +396,33 @@ class LLMClient:
              temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
              stop: str | Sequence[str] | None = None, seed: int | None = None,
              response_format: Mapping[str, Any] | None = None, extra_body: Mapping[str, Any] | None = None,
-             use_cache: bool = True) -> ChatResult:
+             use_cache: bool = True, cache_if: Callable[[ChatResult], bool] | None = None) -> ChatResult:
         """One chat completion. `use_cache=False` neither reads nor writes the cache (use it when
-        re-asking the same request on purpose, e.g. after an unparseable answer)."""
+        re-asking the same request on purpose, e.g. after an unparseable answer).
+
+        Only a complete completion (`is_complete`) is cached; `cache_if`, when given, must also
+        accept it (e.g. "the answer parses"). A cached completion that `cache_if` refuses is not
+        returned: the server is asked again, and the stored record replaced if the new one passes.
+        """
         request = ChatRequest(messages=messages, model=model, temperature=temperature, top_p=top_p,
                               max_tokens=max_tokens, stop=stop, seed=seed, response_format=response_format,
                               extra_body=extra_body)
-        return self.chat_request(request, use_cache=use_cache)
+        return self.chat_request(request, use_cache=use_cache, cache_if=cache_if)
 
-    def chat_request(self, request: ChatRequest, *, use_cache: bool = True) -> ChatResult:
+    def chat_request(self, request: ChatRequest, *, use_cache: bool = True,
+                     cache_if: Callable[[ChatResult], bool] | None = None) -> ChatResult:
         """`chat` for a prepared `ChatRequest`."""
         self._acct.add(calls=1)
         try:
-            return self._chat(request, use_cache)
+            return self._chat(request, use_cache, cache_if)
         except LLMError:
             self._acct.add(failures=1)
             raise
 
     def map_chat(self, requests: Sequence[ChatRequest], *, max_workers: int | None = None,
                  return_exceptions: bool = False, use_cache: bool = True,
-                 progress: bool = False) -> list[ChatResult | LLMError]:
+                 progress: bool = False,
+                 cache_if: Callable[[ChatResult], bool] | None = None) -> list[ChatResult | LLMError]:
         """Run many requests on a thread pool; results come back in input order.
 
         In-flight HTTP requests never exceed `config.max_concurrency`, whatever `max_workers`
@@ -371,7 +436,7 @@ class LLMClient:
 
         def one(req: ChatRequest) -> ChatResult | LLMError:
             try:
-                return self.chat_request(req, use_cache=use_cache)
+                return self.chat_request(req, use_cache=use_cache, cache_if=cache_if)
             except LLMError as exc:
                 return exc
 
@@ -425,7 +490,8 @@ class LLMClient:
 
     # ---- chat internals
 
-    def _chat(self, request: ChatRequest, use_cache: bool) -> ChatResult:
+    def _chat(self, request: ChatRequest, use_cache: bool,
+              cache_if: Callable[[ChatResult], bool] | None) -> ChatResult:
         model = request.model or self.config.model
         if not model:
             raise LLMConfigError("no chat model: pass model=... or set MEMBUILDER_LLM_MODEL")
@@ -435,12 +501,21 @@ class LLMClient:
         params = request.sampling_params()
         payload = {"model": model, "messages": [dict(m) for m in request.messages], **params,
                    "extra_body": dict(request.extra_body) if request.extra_body else None}
+        _check_sendable(payload, "chat request")
         key = request_cache_key("chat", base_url, payload)
+
+        def storable(result: ChatResult) -> bool:
+            return result.is_complete and (cache_if is None or bool(cache_if(result)))
+
         if use_cache and self._cache is not None:
             hit = self._cache.get(key)
             if hit is not None:
-                self._acct.add(cache_hits=1)
-                return _chat_result_from_record(hit, cached=True)
+                cached = _cached_chat_result(hit)
+                # a record an older version stored (truncated, empty) or one this caller cannot
+                # use is a miss: replaying it would repeat the failure without asking again
+                if cached is not None and storable(cached):
+                    self._acct.add(cache_hits=1)
+                    return cached
 
         sdk = self._client(base_url, api_key)
 
@@ -453,26 +528,24 @@ class LLMClient:
         record = _chat_record(self._with_retries(send, "chat completion"), model)
         usage = record["usage"]
         self._acct.add(prompt_tokens=usage[0], completion_tokens=usage[1])
-        if use_cache and self._cache is not None:
+        result = _chat_result_from_record(record, cached=False)
+        if use_cache and self._cache is not None and storable(result):
             self._cache.put(key, "chat", record)
-        return _chat_result_from_record(record, cached=False)
+        return result
 
     def _embed_batch(self, texts: list[str], model: str | None, use_cache: bool) -> list[list[float]]:
         model = model or self.config.embedding_model
         if not model:
             raise LLMConfigError("no embedding model: pass model=... or set MEMBUILDER_EMBED_MODEL")
-        cfg = self.config
-        if cfg.embedding_base_url:
-            # a separate embeddings endpoint never receives the chat endpoint's key
-            base_url, api_key = cfg.embedding_base_url, cfg.embedding_api_key
-        else:
-            base_url, api_key = cfg.base_url, cfg.embedding_api_key or cfg.api_key
+        base_url, api_key = self.config.embedding_endpoint()
+        _check_sendable(texts, "embedding input")
         key = request_cache_key("embeddings", base_url, {"model": model, "input": texts})
         if use_cache and self._cache is not None:
             hit = self._cache.get(key)
-            if hit is not None:
+            vectors = hit.get("vectors") if isinstance(hit, dict) else None
+            if isinstance(vectors, list) and len(vectors) == len(texts):
                 self._acct.add(cache_hits=1)
-                return hit["vectors"]
+                return vectors
 
         sdk = self._client(base_url, api_key)
 
@@ -491,18 +564,17 @@ class LLMClient:
         return vectors
 
     def _client(self, base_url: str | None, api_key: str | None) -> openai.OpenAI:
-        if api_key is None:
-            if base_url is None:
-                raise LLMConfigError(
-                    "no API key and no base URL: set MEMBUILDER_LLM_API_KEY / OPENAI_API_KEY, or point "
-                    "MEMBUILDER_LLM_BASE_URL at a local OpenAI-compatible server")
-            api_key = LOCAL_PLACEHOLDER_KEY
+        api_key = endpoint_api_key(base_url, api_key)
         ident = f"{base_url}\0{api_key}"
         with self._sdk_lock:
             sdk = self._sdk.get(ident)
             if sdk is None:
+                try:
+                    http_client = deadline_http_client(self.config.timeout_s)
+                except DeadlineSetupError as exc:
+                    raise LLMConfigError(str(exc), cause=exc) from exc
                 sdk = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0,
-                                    timeout=self.config.timeout_s)
+                                    timeout=self.config.timeout_s, http_client=http_client)
                 self._sdk[ident] = sdk
         return sdk
 
@@ -526,7 +598,7 @@ class LLMClient:
             status: int | None = None
             retry_after: float | None = None
             try:
-                with self._slots:
+                with self._slots, request_deadline(self.config.timeout_s):
                     self._acct.add(requests=1)
                     return send()
             except openai.APIConnectionError as exc:  # APITimeoutError is a subclass
@@ -578,6 +650,9 @@ def _parse_json_body(text: str, what: str) -> dict:
     except json.JSONDecodeError as exc:
         raise LLMResponseError(f"{what} response is not valid JSON ({exc.msg} at char {exc.pos}): "
                                f"{text[:200]!r}", cause=exc, attempts=1) from exc
+    except (ValueError, RecursionError) as exc:  # a >4,300-digit integer; absurd nesting
+        raise LLMResponseError(f"{what} response cannot be read: {str(exc)[:200]}", cause=exc,
+                               attempts=1) from exc
     if not isinstance(body, dict):
         raise LLMResponseError(f"{what} response is a JSON {type(body).__name__}, not an object")
     return body
@@ -598,15 +673,59 @@ def _chat_record(body: dict, model: str) -> dict:
     if content is not None and not isinstance(content, str):
         raise LLMResponseError(f"chat completion response: message content is a {type(content).__name__}")
     reasoning = message.get("reasoning_content") or message.get("reasoning")  # vLLM's names
-    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    usage = _usage_object(body, "chat completion")
     return {
         "text": content or "",
-        "finish_reason": choice.get("finish_reason"),
-        "usage": [int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)],
-        "id": body.get("id"),
-        "model": body.get("model") or model,
+        "finish_reason": _optional_str(choice.get("finish_reason"), "choices[0].finish_reason"),
+        "usage": [_token_count(usage, "prompt_tokens", "chat completion"),
+                  _token_count(usage, "completion_tokens", "chat completion")],
+        "id": _optional_str(body.get("id"), "id"),
+        "model": _optional_str(body.get("model"), "model") or model,
         "reasoning": reasoning if isinstance(reasoning, str) else None,
     }
+
+
+def _optional_str(value: Any, field: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise LLMResponseError(f"chat completion response: '{field}' is a {type(value).__name__}, not a string")
+
+
+def _usage_object(body: dict, what: str) -> dict:
+    """The `usage` object; absent or null means the server did not count (zeros)."""
+    usage = body.get("usage")
+    if usage is None:
+        return {}
+    if not isinstance(usage, dict):
+        raise LLMResponseError(f"{what} response: 'usage' is a {type(usage).__name__}, not an object")
+    return usage
+
+
+def _token_count(usage: dict, name: str, what: str) -> int:
+    """A token count of `usage`: a non-negative integer (an integral float is accepted), or 0
+    when absent or null. Anything else is a malformed response, not a crash."""
+    value = usage.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise LLMResponseError(f"{what} response: usage.{name} must be a non-negative integer, "
+                               f"got {_short_repr(value)}")
+    return value
+
+
+def _short_repr(value: Any, n: int = 60) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 50 else "<a huge integer>"
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _cached_chat_result(record: Any) -> ChatResult | None:
+    """A cached record as a result, or None when the record is not one this version can read."""
+    try:
+        return _chat_result_from_record(record, cached=True)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _chat_result_from_record(record: dict, *, cached: bool) -> ChatResult:
@@ -616,14 +735,31 @@ def _chat_result_from_record(record: dict, *, cached: bool) -> ChatResult:
 
 
 def _embedding_vectors(body: dict, expected: int) -> tuple[list[list[float]], int]:
+    """The vectors in input order, and the tokens paid. Items are placed by their `index`, which
+    must name each input exactly once (a response without any `index` is taken in list order)."""
     data = body.get("data")
     if not isinstance(data, list) or len(data) != expected:
         got = len(data) if isinstance(data, list) else "no"
         raise LLMResponseError(f"embeddings response has {got} items in 'data', expected {expected}")
-    try:
-        ordered = sorted(data, key=lambda item: int(item.get("index", 0)))
-        vectors = [[float(x) for x in item["embedding"]] for item in ordered]
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise LLMResponseError(f"embeddings response item is malformed: {exc!r}", cause=exc) from exc
-    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
-    return vectors, int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
+    if not all(isinstance(item, dict) for item in data):
+        raise LLMResponseError("embeddings response: every item of 'data' must be an object")
+    indices = [item.get("index") for item in data]
+    if all(i is None for i in indices):
+        indices = list(range(expected))
+    elif sorted(i for i in indices if isinstance(i, int) and not isinstance(i, bool)) != list(range(expected)):
+        raise LLMResponseError(f"embeddings response: item indices {_short_repr(indices, 200)} do not name "
+                               f"each of the {expected} inputs exactly once")
+    vectors: list[list[float] | None] = [None] * expected
+    for index, item in zip(indices, data):
+        row = item.get("embedding")
+        if not isinstance(row, list) or not row:
+            raise LLMResponseError(f"embeddings response: item {index} has no embedding list")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in row):
+            raise LLMResponseError(f"embeddings response: item {index} holds a non-number or non-finite value")
+        vectors[index] = [float(x) for x in row]
+    if len({len(v) for v in vectors}) > 1:
+        raise LLMResponseError(f"embeddings response: vectors of different lengths "
+                               f"{sorted({len(v) for v in vectors})}")
+    usage = _usage_object(body, "embeddings")
+    tokens = _token_count(usage, "prompt_tokens", "embeddings") or _token_count(usage, "total_tokens", "embeddings")
+    return vectors, tokens

@@ -9,7 +9,11 @@ The allowed actions per kind are those of DESIGN section 1:
 
 ADD, UPDATE and MERGE take an optional `time` (the absolute event date, ISO-8601). Every operation
 may carry an optional free-text `reason`, which is ignored. Any other field is an error: the same
-parser is the reward's validity gate, so it must not accept what the bank would misread.
+parser is the reward's validity gate, so it must not accept what the bank would misread, nor
+what the bank would fail to store: every text goes through `types.check_text` (a lone surrogate
+such as "\\ud83d" is refused here, not by the SQLite write), and an event time that cannot be
+converted to UTC (year 1 with a positive offset) is an `InvalidInputError`, never an
+`OverflowError`. Errors quote model text through `types.excerpt`, so a message stays short.
 """
 
 from __future__ import annotations
@@ -17,15 +21,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from .types import InvalidInputError, MemoryKind, normalise_time
+from .types import InvalidInputError, MemoryKind, check_text, excerpt, normalise_time
 
 
 def _text(value: Any, field: str, *, allow_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise InvalidInputError(f"'{field}' must be a string, got {type(value).__name__}")
+    check_text(value, f"'{field}'")
     if not allow_empty and not value.strip():
         raise InvalidInputError(f"'{field}' must be a non-empty string")
     return value
+
+
+def _time(value: Any) -> str | None:
+    """`normalise_time`, with a time that overflows when converted to UTC refused as bad input."""
+    if isinstance(value, str):
+        check_text(value, "'time'")
+        if len(value.strip()) > 64:  # no ISO-8601 time is this long; keeps the error message bounded
+            raise InvalidInputError(f"event time {excerpt(value)} is not an ISO-8601 date or datetime")
+    try:
+        return normalise_time(value)
+    except OverflowError:
+        # e.g. "0001-01-01T00:00:00+01:00": valid ISO-8601, but its UTC instant is before year 1
+        raise InvalidInputError(f"event time {excerpt(value)} is out of range once converted to UTC") from None
 
 
 @dataclass(frozen=True)
@@ -77,7 +93,7 @@ class Add:
     def __post_init__(self):
         object.__setattr__(self, "kind", _searchable(self.kind))
         _text(self.memory, "memory")
-        object.__setattr__(self, "time", normalise_time(self.time))
+        object.__setattr__(self, "time", _time(self.time))
 
 
 @dataclass(frozen=True)
@@ -92,7 +108,7 @@ class Update:
         object.__setattr__(self, "kind", _searchable(self.kind))
         _text(self.id, "id")
         _text(self.new_memory, "new_memory")
-        object.__setattr__(self, "time", normalise_time(self.time))
+        object.__setattr__(self, "time", _time(self.time))
 
 
 @dataclass(frozen=True)
@@ -111,10 +127,10 @@ class Merge:
         if len(ids) < 2:
             raise InvalidInputError("'ids' must name at least two entries to merge")
         if len(set(ids)) != len(ids):
-            raise InvalidInputError(f"'ids' names an entry twice: {list(ids)}")
+            raise InvalidInputError(f"'ids' names an entry twice: {excerpt(list(ids))}")
         object.__setattr__(self, "ids", ids)
         _text(self.new_memory, "new_memory")
-        object.__setattr__(self, "time", normalise_time(self.time))
+        object.__setattr__(self, "time", _time(self.time))
 
 
 @dataclass(frozen=True)
@@ -169,7 +185,7 @@ def parse_operation(kind: MemoryKind | str, data: Any) -> Operation:
     action = action.strip().upper()
     if action not in ALLOWED_ACTIONS[kind]:
         raise InvalidInputError(
-            f"action {action!r} is not allowed for {kind.value} memory "
+            f"action {excerpt(action)} is not allowed for {kind.value} memory "
             f"(allowed: {sorted(ALLOWED_ACTIONS[kind])})"
         )
     required, optional = _FIELDS[action]
@@ -178,7 +194,7 @@ def parse_operation(kind: MemoryKind | str, data: Any) -> Operation:
         raise InvalidInputError(f"{action} operation is missing field(s) {missing}")
     unknown = sorted(set(data) - set(required) - set(optional) - {"action", "reason"})
     if unknown:
-        raise InvalidInputError(f"{action} operation has unknown field(s) {unknown}")
+        raise InvalidInputError(f"{action} operation has unknown field(s) {excerpt(unknown)}")
     time = data.get("time")
     if action == "APPEND":
         return CoreAppend(data["content"])
@@ -210,7 +226,7 @@ def parse_operations(kind: MemoryKind | str, data: Any) -> list[Operation]:
         raise InvalidInputError(f"{kind.value} output is missing the 'operations' list")
     extra = sorted(set(data) - {"operations", "reason"})
     if extra:
-        raise InvalidInputError(f"{kind.value} output has unknown field(s) {extra}")
+        raise InvalidInputError(f"{kind.value} output has unknown field(s) {excerpt(extra)}")
     ops = data["operations"]
     if not isinstance(ops, list):
         raise InvalidInputError(f"'operations' must be a list, got {type(ops).__name__}")

@@ -6,7 +6,9 @@
   ablation, one reward per conversation: the requests of one owner in a call form a conversation;
   its last request (in call order) is answered with the QA of all its requests, and that task
   reward T(g) (and its dominant kind) is broadcast to candidate g of every session of the
-  conversation. Validity and length penalties stay per sample. A trainer using it sends whole
+  conversation. Validity and length penalties stay per sample. The earlier sessions' outputs are
+  not in the bank that is answered (each session starts from the expert's state before it), so
+  their T does not depend on them: an ablation, not a reward to train on. A trainer using it sends whole
   conversations, with the same G, in one call.
 - `attribution` with `alpha`: the dominant kind's agent samples get weight alpha, all others 1.
   `tie_order` breaks ties between kinds with equal counts (first wins; the paper's run used

@@ -17,7 +17,41 @@ semantic, procedural; an agent absent from `outputs[g]` has no sample and contri
 Masking (never a made-up value, REFERENCE items 8 and 19): a session without QA -> every sample
 masked; an answer or verdict that failed or timed out -> every valid sample of that candidate
 masked (T(g) is unknown). An invalid sample keeps R = 0 even then: v = 0 makes R exactly 0
-whatever T is. Masked samples are logged (one warning per call).
+whatever T is. Masked samples are logged (one warning per call). One bad sample never takes the
+call down: a candidate whose bank cannot be built (the embedder raises or gives NaN on one of its
+texts) or whose retrieval fails has all its samples masked with the reason; a token counter that
+raises on an output (a Rust tokenizer on a lone surrogate) or returns anything but a count >= 0
+masks that sample when it is valid (its penalty is unknown). Hostile outputs (lone surrogates in a
+memory, JSON nested 50,000 deep, actions or ids of another kind, huge strings) are invalid with
+the parser's or the bank's reason. A request with wrong Python types (an output that is not a
+string, an expert length that is not an integer >= 0, a QA pair that is not a `QAPair`) is a
+`RewardInputError` naming the field, raised before any work.
+
+Reward farming (reviewed; `python -m benchmarks.bench_reward`, part 3, has the numbers):
+- fixed: a memory written as one giant "sentence" (a session transcript with its full stops
+  removed) was returned whole by the extractive answerer for every question, and the rule judge's
+  containment test then found every gold answer in it: T 0.683 against the expert's 0.496 on the
+  world data (4 conversations), free of length penalty there. `ExtractiveAnswerer` now cuts a
+  sentence longer than 40 words into 40-word pieces whose boundaries do not depend on the
+  question; the same output now scores about what the plain transcript does (0.557 vs 0.550).
+- inherent to the design, not to the offline answerer: the length penalty is the only price of
+  storing a session verbatim (an LLM answerer would use a verbatim transcript too). With
+  `min_diff` = 200 tokens, an output within 200 tokens of the expert's is free, so on the world
+  data's short sessions the semantic agent storing the transcript as one ADD raises T (0.550 vs
+  0.496), and T is shared by the candidate's four agents; on LoCoMo's long sessions the penalty
+  bites (length penalty 0.92, reward 0.039 against the expert's 0.191). Raising `min_diff` or a
+  per-session budget is a design decision, left to the config.
+- blind spot of the offline answerer: `ExtractiveAnswerer` reads retrieved entries only, never
+  the core block, so offline the core agent's reward cannot tell a good block from an emptied one
+  (core REWRITE "": T 0.496, the expert's 0.496). Train the core agent with an LLM answerer.
+- not profitable on either data set: a list of every name and number mentioned ("Paris, London,
+  Rome, ..."; the containment judge accepts a list holding the gold, an LLM judge may not), an
+  abstention note ("not mentioned, unknown"), the expert's operations repeated ten times (same
+  T, length penalty). Duplicates do inflate the retrieval counts of attribution, which scales
+  that agent's advantage (both signs), not its reward.
+- sparse mode (`RewardConfig.dense=False`) answers from the last session's candidate g only: the
+  earlier sessions' outputs are not in that bank, so their T does not depend on them (their
+  validity and length penalty do). It is the paper's ablation as specified, not a reward to train on.
 
 Speed: the state before is a `BaseBank` built once per (snapshot, owner, embedder) and cached
 (`BaseCache`, shared across calls and threads); a candidate is an `OverlayStore` over it with
@@ -29,6 +63,7 @@ per-call time limit).
 from __future__ import annotations
 
 import logging
+import numbers
 import threading
 import time
 from collections import OrderedDict
@@ -96,13 +131,27 @@ _DEFAULT_CACHE = BaseCache()  # content-addressed keys: sharing it between store
 
 @dataclass
 class _Candidate:
-    """One built candidate bank and what answering it gave."""
+    """One built candidate bank and what answering it gave. `app` and `search` are None when the
+    bank could not be built (e.g. the embedder failed on one of its texts); `task` says why."""
 
-    app: SessionApplication
-    search: CandidateSearch
+    app: SessionApplication | None
+    search: CandidateSearch | None
     contexts: list[AnswerContext] | None = None
     task: float | CallFailure | None = None
     counts: dict | None = None
+
+
+def _count_tokens(token_counter: "TokenCounter", text: str) -> int | CallFailure:
+    """`token_counter(text)`, or why it could not be had: a counter that raises (a Rust tokenizer
+    on a lone surrogate) or returns something that is not a count gives a failure, never a number
+    that would become a made-up penalty."""
+    try:
+        n = token_counter(text)
+    except Exception as exc:
+        return CallFailure(f"token_counter failed on this output: {type(exc).__name__}: {exc}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        return CallFailure(f"token_counter returned {n!r}, not a count >= 0")
+    return int(n)
 
 
 def _check_requests(requests, config: RewardConfig) -> list[SessionRewardRequest]:
@@ -117,6 +166,27 @@ def _check_requests(requests, config: RewardConfig) -> list[SessionRewardRequest
             raise RewardInputError(f"requests[{i}].snapshot_id: {exc}") from None
         if not isinstance(req.owner, str) or not req.owner.strip():
             raise RewardInputError(f"requests[{i}].owner must be a non-empty string")
+        # the library path gets no JSON validation (`SessionRewardRequest.from_dict`): the same
+        # type checks here, so a wrong type is a clear error, not a crash deep in the scorer
+        for n, pair in enumerate(req.qa if isinstance(req.qa, (tuple, list)) else [req.qa]):
+            if not isinstance(pair, QAPair):
+                raise RewardInputError(f"requests[{i}].qa[{n}] is a {type(pair).__name__}, not a QAPair")
+        if not isinstance(req.expert_tokens, Mapping):
+            raise RewardInputError(f"requests[{i}].expert_tokens must map agents to token counts")
+        for agent, n in req.expert_tokens.items():
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+                raise RewardInputError(f"requests[{i}].expert_tokens[{agent!r}] must be an integer >= 0, got {n!r}")
+        named = [(f"outputs[{g}]", out) for g, out in enumerate(req.outputs)]
+        if req.expert_outputs is not None:
+            named.append(("expert_outputs", req.expert_outputs))
+        for where, out in named:
+            if not isinstance(out, Mapping):
+                raise RewardInputError(f"requests[{i}].{where} must map agents to raw text, "
+                                       f"got {type(out).__name__}")
+            for agent, text in out.items():
+                if text is not None and not isinstance(text, str):
+                    raise RewardInputError(f"requests[{i}].{where}[{agent!r}] must be a string (or None: "
+                                           f"no output), got {type(text).__name__}")
         dates = [("session_date", req.session_date)] + [(f"qa[{n}].question_date", q.question_date)
                                                        for n, q in enumerate(req.qa)]
         for where, value in dates:
@@ -207,14 +277,14 @@ def score_session(
         for g, out in enumerate(req.outputs):
             source = built[anchor][_output_key(requests[anchor].outputs[g])]
             task_rewards.append(source.task if isinstance(source.task, float) else None)
-            samples += _candidate_samples(req, g, built[i], source, qa_of[anchor], token_counter(base.meta.core),
-                                          token_counter, config)
+            samples += _candidate_samples(req, g, built[i], source, qa_of[anchor],
+                                          _count_tokens(token_counter, base.meta.core), token_counter, config)
         rewards.append((req.session_id, tuple(samples), tuple(task_rewards)))
     elapsed = time.perf_counter() - started
-    masked = sum(s.masked for _, samples, _ in rewards for s in samples)
-    if masked:
-        log.warning("reward: %d of %d samples masked in %d sessions", masked,
-                    sum(len(samples) for _, samples, _ in rewards), len(rewards))
+    reasons = [s.mask_reason for _, samples, _ in rewards for s in samples if s.masked]
+    if reasons:  # the first reason too: a masked call must say why in the log, not only in the samples
+        log.warning("reward: %d of %d samples masked in %d sessions; first reason: %s", len(reasons),
+                    sum(len(samples) for _, samples, _ in rewards), len(rewards), reasons[0])
     return [SessionReward(sid, samples, tasks, elapsed) for sid, samples, tasks in rewards]
 
 
@@ -232,7 +302,12 @@ def _build_candidates(req: SessionRewardRequest, base: BaseBank, embedder, confi
         if key not in cands:
             store = OverlayStore(base)
             bank = MemoryBank(store, req.owner, embedder=embedder, clock=lambda v=clock_value: v)
-            app = apply_agent_outputs(bank, outputs, session_id=req.session_id, drop_invalid_agents=True)
+            try:
+                app = apply_agent_outputs(bank, outputs, session_id=req.session_id, drop_invalid_agents=True)
+            except Exception as exc:  # e.g. the embedder gives NaN for one text: this candidate only
+                cands[key] = _Candidate(None, None, task=CallFailure(
+                    f"the candidate's bank could not be built: {type(exc).__name__}: {exc}"))
+                continue
             cands[key] = _Candidate(app, CandidateSearch(store))
     return cands
 
@@ -248,8 +323,14 @@ def _answer_candidates(requests, built, anchor_of, qa_of, answerer, judge, confi
         questions = [qa_question(q, n) for n, q in enumerate(qa_of[i])]
         fallback = parse_date(req.session_date)
         for key, cand in cands.items():
-            cand.contexts = [build_answer_context(cand.search, q, k=config.top_k, current_date=fallback)
-                             for q in questions]
+            if cand.app is None:  # not built: `task` already says why
+                continue
+            try:
+                cand.contexts = [build_answer_context(cand.search, q, k=config.top_k, current_date=fallback)
+                                 for q in questions]
+            except Exception as exc:  # retrieval failed (e.g. a NaN query embedding): mask, do not guess
+                cand.task = CallFailure(f"retrieval for the candidate failed: {type(exc).__name__}: {exc}")
+                continue
             jobs += [(q, ctx) for q, ctx in zip(questions, cand.contexts)]
             owners += [(i, key)] * len(questions)
     answers = answer_all(answerer, jobs, config)
@@ -269,7 +350,7 @@ def _answer_candidates(requests, built, anchor_of, qa_of, answerer, judge, confi
 
 
 def _candidate_samples(req: SessionRewardRequest, g: int, cands: dict[tuple, _Candidate], source: _Candidate,
-                       qa: tuple[QAPair, ...], core_before_tokens: int, token_counter: TokenCounter,
+                       qa: tuple[QAPair, ...], core_before_tokens: int | CallFailure, token_counter: TokenCounter,
                        config: RewardConfig) -> list[SampleReward]:
     """The samples of candidate g: its own validity and lengths, the task reward and attribution
     of `source` (itself, or in sparse mode the conversation's last session's candidate g)."""
@@ -281,24 +362,39 @@ def _candidate_samples(req: SessionRewardRequest, g: int, cands: dict[tuple, _Ca
     for agent in AGENTS:
         if agent not in out:
             continue
+        raw = out[agent]
+        if cand.app is None:  # the candidate could not be built: nothing about it is known
+            samples.append(SampleReward(
+                agent=agent, index=g, valid=False, task_reward=None, length_penalty=0.0, reward=None,
+                weight=1.0, dominant_kind=None, retrieval_counts={}, masked=True, mask_reason=cand.task.reason))
+            continue
         app = cand.app.agents[MemoryKind(agent)]
         valid, invalid_reason = validity(app)
-        raw = out[agent]
-        tokens = token_counter(raw or "")
+        tokens = _count_tokens(token_counter, raw) if isinstance(raw, str) else 0
+        penalty: float | CallFailure = 0.0
         if not config.length_penalty:
-            penalty = 0.0
+            pass
         elif agent == "core":
-            grown = token_counter(app.proposed_core) - core_before_tokens if app.proposed_core is not None else 0
-            penalty = core_length_penalty(grown, config)
+            if app.proposed_core is not None:
+                after = _count_tokens(token_counter, app.proposed_core)
+                if isinstance(after, CallFailure) or isinstance(core_before_tokens, CallFailure):
+                    penalty = after if isinstance(after, CallFailure) else core_before_tokens
+                else:
+                    penalty = core_length_penalty(after - core_before_tokens, config)
         else:
-            penalty = ratio_length_penalty(tokens, req.expert_tokens[agent], config)
+            penalty = tokens if isinstance(tokens, CallFailure) else \
+                ratio_length_penalty(tokens, req.expert_tokens[agent], config)
         task = cands[_output_key({**req.expert_outputs, agent: raw})].task if config.counterfactual else source.task
         masked_reason = None
         if not qa:
             masked_reason = "the session has no QA pairs" if config.dense else "the conversation has no QA pairs"
         elif isinstance(task, CallFailure) and valid:
             masked_reason = task.reason
+        elif isinstance(penalty, CallFailure) and valid:
+            masked_reason = penalty.reason
         task_value = task if isinstance(task, float) else None
+        penalty = penalty if isinstance(penalty, float) else 0.0
+        tokens = tokens if isinstance(tokens, int) else 0
         if masked_reason is not None:
             reward = None
         elif not valid:

@@ -109,9 +109,9 @@ REPAIR_MESSAGE = ("Your answer could not be used: {error}. Answer again with onl
 class LLMAgentBackend(DetailedAgentBackend):
     """An agent backend on `membuilder.llm.LLMClient` (any OpenAI-compatible server).
 
-    One chat call per agent. An answer that does not parse is asked for again, at most
-    `max_parse_retries` times, with the cache off (`use_cache=False`, so a bad cached answer is not
-    replayed) and, with `repair_feedback`, with the bad answer and the parser's error appended to
+    One chat call per agent; only an answer that parses is written to (or served from) the
+    response cache. An answer that does not parse is asked for again, at most
+    `max_parse_retries` times, with the cache off (`use_cache=False`) and, with `repair_feedback`, with the bad answer and the parser's error appended to
     the conversation (re-sending the same prompt at temperature 0 tends to give the same answer).
     A completion cut at `max_tokens` (`finish_reason == "length"`) is an error, never parsed as
     if it were whole; with `truncation_max_tokens` set above `max_tokens` it is asked once more
@@ -160,7 +160,8 @@ class LLMAgentBackend(DetailedAgentBackend):
             try:
                 result = self.client.chat(conversation, model=self.model, temperature=self.temperature,
                                           top_p=self.top_p, max_tokens=max_tokens, seed=self.seed,
-                                          response_format=fmt, extra_body=self.extra_body, use_cache=use_cache)
+                                          response_format=fmt, extra_body=self.extra_body, use_cache=use_cache,
+                                          cache_if=lambda r: parse_agent_output(kind, r.text).ok)
             except LLMError as exc:
                 raise AgentGenerationError(f"{type(exc).__name__}: {exc}",
                                            raw_output=attempts[-1] if attempts else None,

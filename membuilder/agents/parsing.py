@@ -3,9 +3,10 @@
 This is the validity gate of the reward too (DESIGN section 6), so it is strict about the answer
 and lenient only about the wrapping, in a fixed and bounded way:
 
-1. think-blocks are removed: every `<think>...</think>`; an orphan `</think>` drops everything
-   before it (chat templates that open the block in the prompt); an unterminated `<think>` drops
-   everything after it (the model was cut off while thinking);
+1. think-blocks are removed by `membuilder.thinking.strip_think_blocks` (the one implementation,
+   shared with the judge and answering; linear time): every `<think>...</think>`; an orphan
+   `</think>` drops everything before it (chat templates that open the block in the prompt); an
+   unterminated `<think>` drops everything after it (the model was cut off while thinking);
 2. code fences (```` ```json ... ``` ````) and prose around the answer are skipped by the object
    search below, not edited out: a string may hold a raw newline (see 4), so removing fence lines
    textually could change an answer;
@@ -17,9 +18,11 @@ and lenient only about the wrapping, in a fixed and bounded way:
 4. the object is read as JSON with raw control characters allowed inside strings (a literal newline
    in a multi-line memory is common in model output, and grammar-constrained decoding with
    xgrammar produces it), duplicate keys refused, then validated by
-   `membuilder.operations.parse_operations`.
+   `membuilder.operations.parse_operations`. A number the JSON reader refuses (an integer of more
+   than 4,300 digits) makes the object malformed like any other syntax error.
 
-Whatever the input, the parser returns a `ParsedOutput`; it never raises on model text.
+Whatever the input, the parser returns a `ParsedOutput`; it never raises on model text. Error
+messages quote model text only through `membuilder.types.excerpt` (bounded).
 """
 
 from __future__ import annotations
@@ -30,11 +33,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from membuilder.operations import Operation, parse_operations
-from membuilder.types import InvalidInputError, MemoryKind
+from membuilder.thinking import strip_think_blocks
+from membuilder.types import InvalidInputError, MemoryKind, excerpt
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.S | re.I)
-_THINK_OPEN = re.compile(r"<think>", re.I)
-_THINK_CLOSE = re.compile(r"</think>", re.I)
 _OBJECT_START = re.compile(r'\{\s*["}]')
 
 
@@ -50,18 +51,12 @@ class ParsedOutput:
 
 
 def strip_think(text: str) -> tuple[str, str | None]:
-    """Remove think-blocks (see the module doc). Returns (text, note about an unusual block)."""
-    note = None
-    text = _THINK_BLOCK.sub("", text)
-    closes = list(_THINK_CLOSE.finditer(text))
-    if closes:
-        text = text[closes[-1].end():]
-        note = "an unopened </think> was found; the text before it was dropped"
-    opened = _THINK_OPEN.search(text)
-    if opened:
-        text = text[: opened.start()]
-        note = "an unterminated <think> block was dropped (output cut off while thinking?)"
-    return text, note
+    """Remove think-blocks (see the module doc). Returns (text, note about an unusual block).
+
+    Kept for callers of the tuple form; `membuilder.thinking.strip_think_blocks` says more.
+    """
+    stripped = strip_think_blocks(text)
+    return stripped.text, stripped.note
 
 
 class _DuplicateKey(ValueError):
@@ -72,7 +67,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     out: dict = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKey(f"key {key!r} appears twice in one object")
+            raise _DuplicateKey(f"key {excerpt(key)} appears twice in one object")
         out[key] = value
     return out
 
@@ -117,8 +112,11 @@ def find_json_object(text: str) -> tuple[dict | None, str | None, str | None]:
         except json.JSONDecodeError as exc:
             first_error = first_error or (f"the JSON object at character {start} is malformed: {exc.msg} "
                                           f"(at its character {exc.pos})")
-        except (_DuplicateKey, RecursionError) as exc:
-            first_error = first_error or f"the JSON object at character {start} is malformed: {exc}"
+        except (ValueError, RecursionError) as exc:
+            # _DuplicateKey, and what the reader raises outside its syntax errors: an integer over
+            # Python's 4,300-digit conversion limit is a ValueError, not a JSONDecodeError
+            first_error = first_error or (f"the JSON object at character {start} is malformed: "
+                                          f"{excerpt(str(exc), 120)}")
         pos = end
     return None, None, first_error or "no JSON object found in the output"
 

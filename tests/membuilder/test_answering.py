@@ -166,3 +166,51 @@ def test_llm_answerer_on_local_server(bank):
         assert empty.answer is None and "empty answer" in empty.error
     finally:
         server.close()
+
+
+# --- unusable replies are errors (issue 11, items 11 and 12) ------------------------------------------
+
+
+def test_llm_answerer_unusable_replies_are_errors_not_answers(bank, tmp_path):
+    server = ChatServer()
+    try:
+        server.script.extend([
+            ("A golden retr", "length"),  # cut by max_tokens: maybe a partial answer
+            "<think>is it the retriever? the entry S3 says",  # stopped while thinking
+            "It is probably a retriever, S3 says so</think>",  # all thinking (template opened it)
+            "A golden retriever \ud83d",  # invalid Unicode: no record or judge could take it
+            "thinking about S3 </think> A golden retriever.",  # the same, with an answer after it
+        ])
+        answerer = LLMAnswerer(server.client(), model="answer-model")
+        ctx = build_answer_context(bank, question(), current_date=datetime(2023, 10, 22))
+        errors = [answer_with_context(question(), ctx, answerer) for _ in range(4)]
+        assert [r.answer for r in errors] == [None, None, None, None]
+        assert "cut off by the token limit" in errors[0].error
+        assert "unterminated <think>" in errors[1].error
+        assert "empty answer once think-blocks are removed" in errors[2].error
+        assert "not valid Unicode" in errors[3].error
+        ok = answer_with_context(question(), ctx, answerer)
+        assert ok.answer == "A golden retriever." and ok.error is None
+    finally:
+        server.close()
+
+
+def test_llm_answerer_rerun_asks_again_after_an_unusable_reply(bank, tmp_path):
+    # --resume --retry-errors: the failed question must reach the server again, not the cache
+    server = ChatServer()
+    try:
+        cache = str(tmp_path / "answers.sqlite")
+        server.script.extend([("A golden", "length"), "<think>hmm", "A golden retriever."])
+        ctx = build_answer_context(bank, question(), current_date=datetime(2023, 10, 22))
+        for _ in range(2):
+            answerer = LLMAnswerer(server.client(cache_path=cache), model="answer-model")
+            assert answer_with_context(question(), ctx, answerer).error is not None
+        answerer = LLMAnswerer(server.client(cache_path=cache), model="answer-model")
+        assert answer_with_context(question(), ctx, answerer).answer == "A golden retriever."
+        assert len(server.requests) == 3
+        # the usable answer is cached: a fourth run is served without a request
+        answerer = LLMAnswerer(server.client(cache_path=cache), model="answer-model")
+        assert answer_with_context(question(), ctx, answerer).answer == "A golden retriever."
+        assert len(server.requests) == 3 and answerer.client.usage().cache_hits == 1
+    finally:
+        server.close()

@@ -6,6 +6,8 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from membuilder.datasets import NOT_ANSWERABLE, Question
 from membuilder.judging import (
@@ -26,8 +28,9 @@ from membuilder.llm import LLMClient, LLMConfig
 class ChatServer:
     """OpenAI-compatible chat endpoint on 127.0.0.1 that replies with scripted contents.
 
-    Each request pops the next script item: a string (the reply content) or an int (an HTTP
-    error status). With the script empty it uses `default` (a callable of the request body).
+    Each request pops the next script item: a string (the reply content), a (content,
+    finish_reason) pair, or an int (an HTTP error status). With the script empty it uses `default`
+    (a callable of the request body).
     """
 
     def __init__(self, default=None):
@@ -50,9 +53,10 @@ class ChatServer:
                     payload, status = json.dumps({"error": {"message": f"scripted {item}"}}).encode(), item
                 else:
                     status = 200
+                    item, finish = item if isinstance(item, tuple) else (item, "stop")
                     payload = json.dumps({
                         "id": "x", "object": "chat.completion", "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop",
+                        "choices": [{"index": 0, "finish_reason": finish,
                                      "message": {"role": "assistant", "content": item}}],
                         "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16},
                     }).encode()
@@ -226,3 +230,53 @@ def test_llm_judge_server_failure_is_an_error_not_wrong(server):
     server.default = lambda body: 500
     verdict = LLMJudge(server.client()).judge(q(), "7 May 2023")
     assert verdict.correct is None and verdict.error.startswith("judge call failed")
+
+
+# --- hostile judge output (issue 11, items 8, 9, 12) ------------------------------------------------
+
+
+def test_parse_judge_output_huge_integer_and_think_blocks():
+    # a >4,300-digit integer made json.loads raise ValueError straight out of the judge parser
+    with pytest.raises(JudgeOutputError, match="malformed"):
+        parse_judge_output('{"verdict": "CORRECT", "reason": %s}' % ("9" * 5000))
+    # the shared think rules: an orphan </think> ends the thinking, an unclosed <think> hides the rest
+    assert parse_judge_output('{"verdict": "WRONG", "reason": "x"}</think>{"verdict": "CORRECT", "reason": "y"}') \
+        == Verdict(True, "y")
+    with pytest.raises(JudgeOutputError, match="unterminated <think>"):
+        parse_judge_output('<think>{"verdict": "CORRECT", "reason": "y"}')
+    with pytest.raises(JudgeOutputError) as info:
+        parse_judge_output('{"verdict": "%s", "reason": "r"}' % ("Z" * 50_000))
+    assert len(str(info.value)) < 200  # a bounded excerpt, not the whole verdict
+    with pytest.raises(JudgeOutputError, match="reason is not valid Unicode"):
+        parse_judge_output('{"verdict": "CORRECT", "reason": "same \\ud83d"}')
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(codec=None), max_size=60)
+       | st.text(alphabet='{}[]":,0123456789e.-<think>/ verdictCORRECTreason\\u', max_size=80))
+def test_parse_judge_output_raises_only_its_own_error(raw):
+    try:
+        verdict = parse_judge_output(raw)
+    except JudgeOutputError:
+        return
+    assert verdict.correct in (True, False)
+
+
+def test_llm_judge_never_caches_an_unparseable_verdict(server, tmp_path):
+    from membuilder.llm import ResponseCache
+
+    cache = tmp_path / "cache.sqlite"
+    server.script.extend(["CORRECT!", '{"verdict": "CORRECT", "reason": "ok"}'])
+    client = server.client(cache_path=str(cache))
+    assert LLMJudge(client, max_retries=1).judge(q(), "7 May 2023") == Verdict(True, "ok")
+    client.close()
+    stored = ResponseCache(cache)
+    assert len(stored) == 0  # the unparseable first reply was not stored (the retry bypasses the cache)
+    stored.close()
+    # a rerun asks the server again for the first attempt instead of replaying "CORRECT!"
+    server.script.append('{"verdict": "WRONG", "reason": "fresh"}')
+    client = server.client(cache_path=str(cache))
+    assert LLMJudge(client, max_retries=1).judge(q(), "7 May 2023") == Verdict(False, "fresh")
+    assert client.usage().cache_hits == 0 and len(server.requests) == 3
+    assert LLMJudge(client, max_retries=1).judge(q(), "7 May 2023") == Verdict(False, "fresh")
+    assert client.usage().cache_hits == 1 and len(server.requests) == 3  # a good verdict is cached

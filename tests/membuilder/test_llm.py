@@ -460,3 +460,283 @@ def test_usage_snapshots_subtract():
     b = UsageStats(calls=2, requests=2, prompt_tokens=30)
     assert a - b == UsageStats(calls=3, requests=5, retries=2, prompt_tokens=70)
     assert (a - b).total_tokens == 70
+
+
+# --- issue 11, items 10-14 ------------------------------------------------------------------------
+
+
+class DripServer:
+    """Answers every request with valid headers and a valid chat body, one byte per `gap_s`.
+    `sent` is how many body bytes left the server before the client hung up."""
+
+    def __init__(self, gap_s: float):
+        body = {"id": "x", "object": "chat.completion", "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "slow " * 20}}]}
+        self.body = json.dumps(body).encode()
+        self.gap_s = gap_s
+        self.sent = None
+        self.done = threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, rest = data.split(b"\r\n\r\n", 1)
+            length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+            while len(rest) < length:
+                rest += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n" % len(self.body))
+            sent = 0
+            try:
+                for i in range(len(self.body)):
+                    conn.sendall(self.body[i:i + 1])
+                    sent += 1
+                    time.sleep(self.gap_s)
+            except OSError:  # the client closed the connection
+                pass
+            self.sent = sent
+            self.done.set()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_timeout_is_a_whole_request_deadline_not_per_read():
+    # the body (~200 bytes) arrives one byte every 20 ms: no single read waits long, so a per-read
+    # timeout of 0.3 s never fires and the call took the whole drip (~4 s; 131 s in the report).
+    # With a whole-request deadline the client gives up after 0.3 s, long before the end.
+    drip = DripServer(gap_s=0.02)
+    try:
+        client = LLMClient(LLMConfig(base_url=drip.url, api_key="k", model="m", timeout_s=0.3, max_retries=0),
+                           sleep=SleepRecorder())
+        with pytest.raises(LLMRetriesExhausted) as info:
+            client.chat(USER)
+        assert isinstance(info.value.cause, openai.APITimeoutError)
+        assert drip.done.wait(10)
+        # the server noticed the hang-up before it had sent the whole body (write errors show up
+        # a few bytes late through the socket buffer, hence the margin of half the body)
+        assert drip.sent < len(drip.body) // 2
+    finally:
+        drip.close()
+
+
+def test_deadline_caps_each_network_operation():
+    from membuilder import llm_deadline
+
+    class Inner:
+        def __init__(self):
+            self.timeouts = []
+
+        def read(self, n, timeout=None):
+            self.timeouts.append(timeout)
+            return b"x"
+
+    import importlib
+
+    # the HTTP core module the installed openai SDK is built on (httpcore, or a renamed fork)
+    backend = openai.DefaultHttpxClient()._transport._pool._network_backend
+    core = importlib.import_module(type(backend).__module__.split(".")[0])
+
+    _, stream_cls = llm_deadline.deadline_classes(core)
+    inner = Inner()
+    stream = stream_cls(inner)
+    stream.read(1, timeout=7.0)  # no deadline set: the timeout passes through unchanged
+    with llm_deadline.request_deadline(1000.0):
+        stream.read(1, timeout=None)  # no per-read timeout: the deadline's remainder is used
+        stream.read(1, timeout=5.0)  # shorter than what is left: kept
+    assert inner.timeouts[0] == 7.0 and 990.0 < inner.timeouts[1] <= 1000.0 and inner.timeouts[2] == 5.0
+    with llm_deadline.request_deadline(-1.0):  # already past: no read is attempted
+        with pytest.raises(core.ReadTimeout, match="deadline"):
+            stream.read(1, timeout=5.0)
+    assert len(inner.timeouts) == 3
+
+
+@pytest.mark.parametrize("usage, fragment", [
+    ({"prompt_tokens": "seven", "completion_tokens": 3}, "usage.prompt_tokens must be a non-negative integer"),
+    ({"prompt_tokens": [7], "completion_tokens": 3}, "usage.prompt_tokens"),
+    ({"prompt_tokens": 7, "completion_tokens": -3}, "usage.completion_tokens"),
+    ({"prompt_tokens": 7, "completion_tokens": True}, "usage.completion_tokens"),
+    ([7, 3], "'usage' is a list"),
+])
+def test_malformed_usage_is_a_response_error(server, usage, fragment):
+    body = {"id": "x", "model": "m", "usage": usage,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}]}
+    server.push(CHAT, ("raw", json.dumps(body).encode(), "application/json"))
+    client = make_client(server)
+    with pytest.raises(LLMResponseError, match=fragment.replace("[", r"\[")):
+        client.chat(USER)
+    # map_chat with return_exceptions hands it back in its slot instead of raising
+    server.push(CHAT, ("raw", json.dumps(body).encode(), "application/json"))
+    out = client.map_chat([ChatRequest(messages=USER)], return_exceptions=True, max_workers=1)
+    assert isinstance(out[0], LLMResponseError)
+
+
+def test_unreadable_numbers_in_a_body_are_a_response_error(server):
+    huge = b'{"id": "x", "usage": {"prompt_tokens": ' + b"9" * 5000 + b'}, "choices": []}'
+    server.push(CHAT, ("raw", huge, "application/json"))
+    with pytest.raises(LLMResponseError, match="cannot be read"):
+        make_client(server).chat(USER)
+
+
+def test_integral_float_usage_is_accepted(server):
+    body = {"id": "x", "model": "m", "usage": {"prompt_tokens": 7.0, "completion_tokens": None},
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}]}
+    server.push(CHAT, ("raw", json.dumps(body).encode(), "application/json"))
+    result = make_client(server).chat(USER)
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (7, 0)
+
+
+@pytest.mark.parametrize("indices, ok", [
+    ([1, 0], True),  # reordered: fine
+    ([None, None], True),  # no index at all: list order
+    ([0, 0], False),  # duplicate: one input would get the other's vector
+    ([0, 2], False),  # out of range
+    ([0, None], False),
+    ([True, 0], False),
+])
+def test_embedding_indices_must_name_each_input_once(server, indices, ok):
+    items = [{"embedding": [float(k), 1.0], **({} if i is None else {"index": i})}
+             for k, i in enumerate(indices)]
+    server.push("/v1/embeddings", ("raw", json.dumps({"data": items}).encode(), "application/json"))
+    client = make_client(server, embedding_model="e")
+    if ok:
+        vectors = client.embed(["a", "b"])
+        # item k carries [k, 1]; it belongs at position indices[k] (list order without indices)
+        expected = [[1.0, 1.0], [0.0, 1.0]] if indices == [1, 0] else [[0.0, 1.0], [1.0, 1.0]]
+        assert vectors == expected
+    else:
+        with pytest.raises(LLMResponseError, match="do not name each of the 2 inputs exactly once"):
+            client.embed(["a", "b"])
+
+
+def test_non_finite_or_ragged_embeddings_are_refused(server):
+    client = make_client(server, embedding_model="e")
+    for data, fragment in ((
+            [{"index": 0, "embedding": [1.0, "NaN"]}], "non-number or non-finite"),
+            ([{"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": [1.0, 2.0]}], "different lengths")):
+        server.push("/v1/embeddings", ("raw", json.dumps({"data": data}).encode(), "application/json"))
+        with pytest.raises(LLMResponseError, match=fragment):
+            client.embed(["a"] * len(data))
+
+
+def _chat_body(content, finish="stop"):
+    return json.dumps({"id": "x", "model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+                       "choices": [{"index": 0, "finish_reason": finish,
+                                    "message": {"role": "assistant", "content": content}}]}).encode()
+
+
+def test_only_complete_usable_answers_are_cached(server, tmp_path):
+    cache = str(tmp_path / "c.sqlite")
+    client = make_client(server, cache_path=cache)
+    for content, finish in (("cut o", "length"), ("", "stop"), ("   ", "stop"), ("x", "content_filter")):
+        server.push(CHAT, ("raw", _chat_body(content, finish), "application/json"))
+        assert not client.chat(USER).is_complete
+    assert len(server.requests) == 4  # each failure was asked again, never replayed
+    first = client.chat(USER)  # the default echo: complete, so stored
+    assert client.chat(USER).cached and len(server.requests) == 5
+    # a caller's own test: an answer it cannot use is neither stored nor replayed
+    client2 = make_client(server, cache_path=str(tmp_path / "d.sqlite"))
+    server.push(CHAT, ("raw", _chat_body("<think>unfinished"), "application/json"))
+    usable = lambda r: "<think>" not in r.text  # noqa: E731
+    assert client2.chat(USER, cache_if=usable).text == "<think>unfinished"
+    assert client2.chat(USER, cache_if=usable).text == first.text  # asked again: 7 requests
+    assert len(server.requests) == 7
+    assert client2.chat(USER, cache_if=usable).cached  # the usable one was stored
+    # a stored record the caller refuses is a miss: the server is asked again
+    assert not client2.chat(USER, cache_if=lambda r: False).cached
+    assert len(server.requests) == 8
+
+
+def test_truncated_record_from_an_older_cache_is_not_replayed(server, tmp_path):
+    from membuilder.llm import ResponseCache
+
+    cache_path = tmp_path / "old.sqlite"
+    client = make_client(server, cache_path=str(cache_path))
+    model = "test-model"
+    payload = {"model": model, "messages": [dict(m) for m in USER], "extra_body": None}
+    key = request_cache_key("chat", f"{server.url}/v1", payload)
+    client.close()
+    old = ResponseCache(cache_path)  # what an earlier version stored: a truncated answer
+    old.put(key, "chat", {"text": "cut", "finish_reason": "length", "usage": [1, 1], "id": "old",
+                          "model": model, "reasoning": None})
+    old.close()
+    client = make_client(server, cache_path=str(cache_path))
+    result = client.chat(USER)
+    assert not result.cached and result.text == "echo:hello|t=None" and len(server.requests) == 1
+
+
+def test_one_configuration_path_and_no_key_leak(monkeypatch):
+    from membuilder.embedders import OpenAIEmbedder
+    from membuilder.llm import endpoint_api_key
+
+    env = {"OPENAI_API_KEY": "sk-openai", "MEMBUILDER_EMBED_BASE_URL": "http://third-party/v1"}
+    for var in ("OPENAI_BASE_URL", "MEMBUILDER_LLM_BASE_URL", "MEMBUILDER_LLM_API_KEY",
+                "MEMBUILDER_EMBED_API_KEY", "OPENAI_API_KEY", "MEMBUILDER_EMBED_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = LLMConfig.from_env()
+    # a separate embeddings endpoint gets no key it was not given: the local placeholder
+    assert cfg.embedding_endpoint() == ("http://third-party/v1", None)
+    emb = OpenAIEmbedder("e")
+    assert (emb.base_url, emb._api_key) == ("http://third-party/v1", endpoint_api_key("http://third-party/v1", None))
+    assert emb._api_key == "not-needed"
+    # its own key goes there
+    monkeypatch.setenv("MEMBUILDER_EMBED_API_KEY", "sk-emb")
+    assert OpenAIEmbedder("e")._api_key == "sk-emb" == LLMConfig.from_env().embedding_endpoint()[1]
+    # no separate endpoint: the chat endpoint (MEMBUILDER_LLM_BASE_URL first) with the chat key
+    monkeypatch.delenv("MEMBUILDER_EMBED_BASE_URL")
+    monkeypatch.delenv("MEMBUILDER_EMBED_API_KEY")
+    monkeypatch.setenv("MEMBUILDER_LLM_BASE_URL", "http://chat/v1")
+    emb = OpenAIEmbedder("e")
+    assert (emb.base_url, emb._api_key) == LLMConfig.from_env().embedding_endpoint() == ("http://chat/v1", "sk-openai")
+    # explicit arguments win and are an endpoint of their own
+    emb = OpenAIEmbedder("e", base_url="http://mine/v1")
+    assert (emb.base_url, emb._api_key) == ("http://mine/v1", "not-needed")
+
+
+def test_lone_surrogates_never_escape_as_unicode_errors(server, tmp_path):
+    from membuilder.llm import LLMInputError
+
+    client = make_client(server, cache_path=str(tmp_path / "c.sqlite"), embedding_model="e")
+    # a reply holding "\ud83d" (a JSON escape a server may send): returned as is, and cached
+    # escaped (raw text made SQLite's UTF-8 encoding raise UnicodeEncodeError)
+    server.push(CHAT, ("raw", _chat_body("bad \ud83d"), "application/json"))  # json.dumps escapes it
+    assert client.chat(USER).text == "bad \ud83d"
+    assert client.chat(USER).cached and client.chat(USER).text == "bad \ud83d"
+    # a request holding one is refused before anything is sent (the HTTP library raised a bare
+    # UnicodeEncodeError), also through map_chat's error slots
+    sent = len(server.requests)
+    bad = [{"role": "user", "content": "q \ud83d"}]
+    with pytest.raises(LLMInputError, match="not valid Unicode"):
+        client.chat(bad)
+    out = client.map_chat([ChatRequest(messages=bad)], return_exceptions=True)
+    assert isinstance(out[0], LLMInputError)
+    with pytest.raises(LLMInputError):
+        client.embed(["ok", "\udc00"])
+    assert len(server.requests) == sent
+
+
+def test_unknown_http_client_layout_is_a_config_error_not_a_silent_per_read_timeout(server, monkeypatch):
+    from membuilder import llm_deadline
+
+    class Opaque:  # an HTTP client whose pools the wrapper cannot find
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    made = []
+    monkeypatch.setattr(llm_deadline.openai, "DefaultHttpxClient", lambda **kw: made.append(Opaque()) or made[-1])
+    with pytest.raises(LLMConfigError, match="cannot install the whole-request deadline"):
+        make_client(server).chat(USER)
+    assert made[0].closed and server.requests == []

@@ -87,3 +87,17 @@ def test_operation_to_dict_round_trips():
         ("core", {"action": "REPLACE", "old_text": "a", "new_text": ""}),
     ]:
         assert operation_to_dict(parse_operation(kind, data)) == data
+
+
+def test_texts_must_be_valid_unicode_and_times_in_range():
+    # a lone surrogate would pass here and fail at the SQLite write, losing the whole batch
+    with pytest.raises(InvalidInputError, match="'memory' is not valid Unicode: lone surrogate"):
+        parse_operation("episodic", {"action": "ADD", "memory": "ok \ud83d"})
+    with pytest.raises(InvalidInputError, match="'new_text' is not valid Unicode"):
+        parse_operation("core", {"action": "REPLACE", "old_text": "a", "new_text": "\udfff"})
+    with pytest.raises(InvalidInputError, match="'reason' is not valid Unicode"):
+        parse_operation("semantic", {"action": "SKIP", "reason": "\ud800"})
+    with pytest.raises(InvalidInputError, match="out of range once converted to UTC"):
+        Add("episodic", "x", "0001-01-01T00:30:00+01:00")
+    with pytest.raises(InvalidInputError, match="not an ISO-8601"):
+        Add("episodic", "x", "2023-05-08T" + "1" * 100)

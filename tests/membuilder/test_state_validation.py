@@ -167,7 +167,17 @@ def test_every_state_a_bank_produces_passes_and_round_trips(batches):
 
 def test_a_lone_surrogate_is_rejected_by_the_plan_not_by_sqlite(store, clock):
     bank = MemoryBank(store, "ann", clock=clock)
-    bad = [Add(S, "likes \ud83d tea"), Update(S, "S1", "x\udfff"), CoreAppend("core \ud800")]
+    # The parser refuses such text when an operation is built; the bank must refuse it too for
+    # operations made some other way, so build them unchecked.
+    def unchecked(op, field, text):
+        object.__setattr__(op, field, text)
+        return op
+
+    with pytest.raises(InvalidInputError, match="lone surrogate"):
+        Add(S, "likes \ud83d tea")
+    bad = [unchecked(Add(S, "ok"), "memory", "likes \ud83d tea"),
+           unchecked(Update(S, "S1", "ok"), "new_memory", "x\udfff"),
+           unchecked(CoreAppend("ok"), "content", "core \ud800")]
     with pytest.raises(OperationRejected, match="lone surrogate"):
         bank.apply([Add(S, "fine")] + bad[:1])
     assert bank.entries() == []

@@ -67,8 +67,9 @@ def test_malformed_answer_is_asked_again_without_cache_and_applied_once(server, 
     assert second["messages"][:2] == first["messages"]
     assert second["messages"][2] == {"role": "assistant", "content": bad}
     assert "no JSON object found in the output" in second["messages"][3]["content"]
-    # the re-ask neither read nor wrote the cache: 4 first calls cached, the retry not
-    assert len(ResponseCache(tmp_path / "cache.sqlite")) == 4
+    # only answers that parse are cached: the three other agents' first answers; not semantic's bad
+    # first answer (a rerun would replay it), nor its retry (the re-ask bypasses the cache)
+    assert len(ResponseCache(tmp_path / "cache.sqlite")) == 3
 
 
 def test_truncated_answer_is_an_error_and_not_reasked_with_the_same_budget(server, bank):

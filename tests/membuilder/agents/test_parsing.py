@@ -190,3 +190,93 @@ def test_all_typed_operation_kinds_round_trip():
     for kind, (raw, ops) in cases.items():
         assert parse_agent_output(kind, raw).operations == ops
     assert parse_agent_output("core", '{"action": "APPEND", "content": "x"}').operations == (CoreAppend("x"),)
+
+
+# --- hostile model output (issue 11, items 7-9) ------------------------------------------------
+
+
+def test_lone_surrogate_makes_the_output_invalid():
+    # "\ud83d" is half of an emoji's surrogate pair: valid JSON escape, no valid Unicode text
+    for raw in ('{"operations": [{"action": "ADD", "memory": "hi \\ud83d"}]}',
+                '{"operations": [{"action": "ADD", "memory": "x", "time": "2023-05-08\\ud83d"}]}',
+                '{"operations": [{"action": "MERGE", "ids": ["E1", "E\\udc00"], "new_memory": "m"}]}'):
+        out = parse_agent_output("episodic", raw)
+        assert not out.ok and "lone surrogate" in out.error and "operations[0]" in out.error, out.error
+    out = parse_agent_output("core", '{"action": "APPEND", "content": "\\ud83d"}')
+    assert not out.ok and "'content' is not valid Unicode" in out.error
+    # a proper pair is one character and passes
+    assert parse_agent_output("core", '{"action": "APPEND", "content": "\\ud83d\\ude00"}').operations == (
+        CoreAppend("\U0001F600"),)
+
+
+def test_huge_integer_and_overflowing_time_are_errors_not_exceptions():
+    huge = "9" * 5000  # past Python's 4,300-digit int conversion limit: json.loads raises ValueError
+    out = parse_agent_output("episodic", '{"operations": [], "reason": %s}' % huge)
+    assert not out.ok and "malformed" in out.error and "4300" in out.error
+    assert len(out.error) < 300  # the digits are not quoted back
+    # a valid ISO-8601 time whose UTC instant falls before year 1: astimezone raises OverflowError
+    out = parse_agent_output(
+        "episodic", '{"operations": [{"action": "ADD", "memory": "x", "time": "0001-01-01T00:00:00+01:00"}]}')
+    assert not out.ok and "out of range once converted to UTC" in out.error
+    # the same in the year-9999 direction
+    out = parse_agent_output(
+        "semantic", '{"operations": [{"action": "UPDATE", "id": "S1", "new_memory": "x", '
+                    '"time": "9999-12-31T23:59:59-01:00"}]}')
+    assert not out.ok and "out of range" in out.error
+
+
+def test_error_messages_quote_a_bounded_excerpt():
+    long_action = "Z" * 100_000
+    out = parse_agent_output("semantic", json.dumps({"operations": [{"action": long_action}]}))
+    assert not out.ok and "is not allowed" in out.error and len(out.error) < 400
+    out = parse_agent_output("semantic", json.dumps({"operations": [], "x" * 50_000: 1}))
+    assert not out.ok and "unknown field" in out.error and len(out.error) < 400
+
+
+def test_think_stripping_is_linear_on_many_unclosed_tags():
+    # 16,000 unclosed tags (112 kB) took 18 s with the regex; the one-pass scan is milliseconds.
+    # No timing threshold: the work is counted instead, through the tags the scanner visits.
+    from membuilder import thinking
+
+    calls = []
+    real = thinking._TAG
+
+    class CountingTag:
+        def finditer(self, text):
+            calls.append(len(text))
+            return real.finditer(text)
+
+    raw = "<think>" * 16_000 + '{"operations": []}'
+    thinking._TAG = CountingTag()
+    try:
+        out = parse_agent_output("episodic", raw)
+    finally:
+        thinking._TAG = real
+    assert calls == [len(raw)]  # one scan over the text, not one per tag
+    assert not out.ok and "unterminated <think>" in out.error
+
+
+# hypothesis leaves surrogates out of text by default: add some, halves of pairs included
+_any_text = st.text(alphabet=st.characters(codec=None) | st.sampled_from(["\ud83d", "\ude00", "\udfff"]),
+                    min_size=1, max_size=12).filter(str.strip)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["core", "episodic", "semantic"]), _any_text, _any_text)
+def test_an_operation_is_accepted_exactly_when_its_text_is_storable(kind, a, b):
+    # st.characters(codec=None) includes lone surrogates; json.dumps escapes them as \udXXX
+    op = {"core": {"action": "REPLACE", "old_text": a, "new_text": b},
+          "episodic": {"action": "MERGE", "ids": [a, a + "x"], "new_memory": b},
+          "semantic": {"action": "UPDATE", "id": a, "new_memory": b}}[kind]
+    out = parse_agent_output(kind, json.dumps({"operations": [op]}))
+    # JSON joins an escaped high + low surrogate into one character: judge the text as decoded
+    a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
+    assert out.ok == (out.error is None) == (_encodable(a) and _encodable(b)), out.error
