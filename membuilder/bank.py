@@ -31,6 +31,7 @@ from .operations import (
     CoreAppend,
     CoreReplace,
     CoreRewrite,
+    Delete,
     Merge,
     Operation,
     Skip,
@@ -250,10 +251,11 @@ class MemoryBank:
         return plan
 
     def _plan_one(self, plan: _Plan, op: Operation, session_id: str | None, now: float) -> None:
-        if not isinstance(op, (CoreAppend, CoreReplace, CoreRewrite, Add, Update, Merge, Skip)):
+        if not isinstance(op, (CoreAppend, CoreReplace, CoreRewrite, Add, Update, Merge, Skip, Delete)):
             raise _Reject(f"not a memory operation: {type(op).__name__} (parse dicts first)")
         try:
-            check_allowed(op)
+            if not isinstance(op, Delete):  # DELETE is outside the agents' action sets by design
+                check_allowed(op)
             _check_op_texts(op)
         except InvalidInputError as exc:
             raise _Reject(str(exc)) from None
@@ -286,6 +288,16 @@ class MemoryBank:
                     plan.retired.append(src.id)
                 self._record(plan, src.id, "RETIRE", src.text, None, session_id, now)
             self._record(plan, entry.id, "MERGE", None, entry.text, session_id, now)
+        elif isinstance(op, Delete):  # retire with no successor, as `delete` does, but inside the batch
+            cur = self._live_entry(op.id, op.kind, plan.changed)
+            plan.changed[cur.id] = replace(cur, status=Status.RETIRED, updated_at=now)
+            if cur.id in plan.created:  # created and deleted in one batch: inserted retired
+                plan.created.remove(cur.id)
+            else:
+                if cur.id in plan.updated:
+                    plan.updated.remove(cur.id)
+                plan.retired.append(cur.id)
+            self._record(plan, cur.id, "DELETE", cur.text, None, session_id, now)
         # Skip changes nothing by definition.
 
     def _plan_core(self, plan: _Plan, op, session_id: str | None, now: float) -> None:

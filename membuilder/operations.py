@@ -144,7 +144,22 @@ class Skip:
         _text(self.reason, "reason", allow_empty=True)
 
 
-Operation = Union[CoreAppend, CoreReplace, CoreRewrite, Add, Update, Merge, Skip]
+@dataclass(frozen=True)
+class Delete:
+    """Retire one active entry with no successor, inside a batch (the long/short-term architecture's
+    DELETE; `membuilder.longshort`). Not in `ALLOWED_ACTIONS`: no MemBuilder agent may emit it, and
+    `parse_operation` refuses it; only code that builds typed operations passes it to `bank.apply`."""
+
+    kind: MemoryKind
+    id: str
+    action = "DELETE"
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", _searchable(self.kind))
+        _text(self.id, "id")
+
+
+Operation = Union[CoreAppend, CoreReplace, CoreRewrite, Add, Update, Merge, Skip, Delete]
 
 ALLOWED_ACTIONS: dict[MemoryKind, frozenset[str]] = {
     MemoryKind.CORE: frozenset({"APPEND", "REPLACE", "REWRITE"}),
@@ -162,6 +177,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "UPDATE": (("id", "new_memory"), ("time",)),
     "MERGE": (("ids", "new_memory"), ("time",)),
     "SKIP": ((), ()),
+    "DELETE": (("id",), ()),  # for operation_to_dict only: parse_operation never accepts DELETE
 }
 
 
