@@ -38,6 +38,10 @@ SUBSET_NS = (1024, 2048)
 SWEEP_CASES = [(4096, 49_152), (2048, 151_936)]
 SWEEP_CHUNKS = [128, 256, 512, 1024, 2048]
 GRAD_N = 1024
+DTYPE_N = 1024
+DTYPE_VOCABS = (16_384, 49_152, 98_304, 151_936)
+DTYPES = ("fp32", "bf16")
+DTYPE_HEADING = "## Peak memory against vocabulary size and dtype"
 GIB = 2**30
 
 
@@ -153,18 +157,24 @@ def _loss_fn(method: str, chunk: int | None):
     return run
 
 
-def worker(method: str, n: int, vocab: int, chunk: int | None, grads_to: str | None) -> dict:
-    """One forward+backward in this (fresh) process; returns its peak extra memory and time."""
+def worker(method: str, n: int, vocab: int, chunk: int | None, grads_to: str | None, dtype: str = "fp32") -> dict:
+    """One forward+backward in this (fresh) process; returns its peak extra memory and time.
+
+    `dtype` is that of h and W (the logits follow them); the loss itself is always reduced in fp32.
+    """
     import torch
 
     run = _loss_fn(method, chunk)
+    cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     # Start the thread pools and kernels on a small problem, so the timed run pays no one-time
     # library set-up. Large buffers are returned to the OS when freed (mmap), so every step of a
     # CPU training loop pays its page faults, as the timed run does.
     small = _make_inputs(SEQ_LEN, 1024)
     run(*small).backward()
     del small
-    inputs = _make_inputs(n, vocab)
+    inputs = list(_make_inputs(n, vocab))
+    for i in (0, 1):  # h and W in the asked dtype, still leaves of the graph
+        inputs[i] = inputs[i].detach().to(cast).requires_grad_(True)
     hidden, weight = inputs[0], inputs[1]
     base_kib = _rss_kib("VmRSS")
     _reset_peak()
@@ -181,8 +191,9 @@ def worker(method: str, n: int, vocab: int, chunk: int | None, grads_to: str | N
 # ----------------------------------------------------------------------------- parent side
 
 
-def _spawn(method: str, n: int, vocab: int, chunk: int | None, grads_to: str | None = None) -> dict:
-    spec = json.dumps(dict(method=method, n=n, vocab=vocab, chunk=chunk, grads_to=grads_to))
+def _spawn(method: str, n: int, vocab: int, chunk: int | None, grads_to: str | None = None,
+           dtype: str = "fp32") -> dict:
+    spec = json.dumps(dict(method=method, n=n, vocab=vocab, chunk=chunk, grads_to=grads_to, dtype=dtype))
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_loss_kernel", "--worker", spec],
         capture_output=True,
@@ -362,7 +373,7 @@ def _grad_section(methods: list[str], bar) -> list[str]:
 
 
 def _goal_section(methods: list[str], results: dict) -> list[str]:
-    lines = ["## Goals of issue 4: fused peak <= 0.25x naive and <= Liger's; time <= 1.1x naive", ""]
+    lines = ["## Targets: fused peak <= 0.25x naive and <= Liger's; time <= 1.1x naive", ""]
     for n, v in CASES:
         f, nv = results[("fused", n, v)], results[("naive", n, v)]
         kind = "naive measured" if nv["note"] == "measured" else "naive extrapolated"
@@ -377,12 +388,129 @@ def _goal_section(methods: list[str], results: dict) -> list[str]:
     return lines + [""]
 
 
+def _dtype_rows(methods: list[str], bar) -> list[dict]:
+    """One run per (method, dtype, V) at N = DTYPE_N: peak memory is what this sweep is for."""
+    rows = []
+    for v in DTYPE_VOCABS:
+        for dtype in DTYPES:
+            for m in methods:
+                r = _spawn(m, DTYPE_N, v, None, dtype=dtype)
+                rows.append({"method": m, "dtype": dtype, "n": DTYPE_N, "vocab": v, "peak_bytes": r["peak_bytes"],
+                             "time_s": r["time"]})
+                bar.update(1)
+    return rows
+
+
+def _dtype_section(rows: list[dict]) -> list[str]:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cols = [(m, d) for m in methods for d in DTYPES]
+    peak = {(r["method"], r["dtype"], r["vocab"]): r["peak_bytes"] for r in rows}
+    lines = [
+        DTYPE_HEADING,
+        "",
+        f"N = {DTYPE_N:,} tokens, h and W in the given dtype (the loss is reduced in fp32), one run each; "
+        "peak MiB (the plot `loss_kernel.png`, right, shows the same numbers). "
+        "`python -m benchmarks.bench_loss_kernel --dtype-sweep` reruns only this section (about 2 minutes).",
+        "",
+        "| V | " + " | ".join(f"{m} {d}" for m, d in cols) + " |",
+        "|---:|" + "---:|" * len(cols),
+    ]
+    for v in DTYPE_VOCABS:
+        cells = [_mib(peak[(m, d, v)]) if (m, d, v) in peak else "-" for m, d in cols]
+        lines.append(f"| {v:,} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _parse_main_table(md: str) -> list[dict]:
+    """The side-by-side table of an earlier report, as rows (for plotting without rerunning)."""
+    rows, inside = [], False
+    for line in md.splitlines():
+        if line.startswith("## "):
+            inside = line.startswith("## Peak memory and time")
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not inside or len(cells) < 8 or not cells[0].replace(",", "").isdigit() or cells[3] == "-":
+            continue
+        rows.append({"n": int(cells[0].replace(",", "")), "vocab": int(cells[1].replace(",", "")),
+                     "method": cells[2], "peak_bytes": float(cells[3].replace(",", "")) * 2**20,
+                     "time_s": float(cells[5]), "note": cells[7]})
+    return rows
+
+
+def _replace_section(md: str, heading: str, section: list[str]) -> str:
+    """`md` with the section under `heading` replaced by `section` (appended when absent)."""
+    lines = md.rstrip("\n").split("\n")
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = section
+    else:
+        lines += [""] + section
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def plot(cases: list[dict], dtype_rows: list[dict], path: Path) -> Path:
+    """Peak memory against V: per method and N in fp32 (left), per method and dtype (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"naive": "tab:red", "fused": "tab:blue", "liger": "tab:green"}
+    fig, axes = plt.subplots(1, 2 if dtype_rows else 1, figsize=(12 if dtype_rows else 6.5, 4.6), squeeze=False)
+    ax = axes[0][0]
+    for (m, n) in dict.fromkeys((r["method"], r["n"]) for r in cases):
+        pts = sorted((r["vocab"], r["peak_bytes"] / 2**20, r["note"] != "measured") for r in cases
+                     if r["method"] == m and r["n"] == n)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if n == max(r["n"] for r in cases) else "--",
+                color=colours.get(m), label=f"{m}, N = {n:,}")
+        for v, mib, extrapolated in pts:  # hollow: extrapolated from smaller runs, not measured
+            ax.plot([v], [mib], "o", color=colours.get(m), mfc="white" if extrapolated else colours.get(m))
+    ax.set(xlabel="vocabulary size V", ylabel="peak MiB (log)", yscale="log",
+           title="fp32, forward+backward (hollow: extrapolated)")
+    ax.legend(fontsize=8)
+    if dtype_rows:
+        ax = axes[0][1]
+        for m in dict.fromkeys(r["method"] for r in dtype_rows):
+            for d, style in zip(DTYPES, ("-", ":")):
+                pts = sorted((r["vocab"], r["peak_bytes"] / 2**20) for r in dtype_rows
+                             if r["method"] == m and r["dtype"] == d)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=colours.get(m),
+                        label=f"{m}, {d}")
+        ax.set(xlabel="vocabulary size V", ylabel="peak MiB (log)", yscale="log",
+               title=f"by dtype of h and W, N = {dtype_rows[0]['n']:,}")
+        ax.legend(fontsize=8)
+    fig.suptitle("Policy-loss peak memory against vocabulary size (CPU)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _load_raw(out: Path) -> tuple[list[dict], list[dict]]:
+    """The cases and dtype rows of earlier runs: the raw JSON, else the report's main table."""
+    raw = out.with_suffix(".json")
+    data = json.loads(raw.read_text()) if raw.exists() else {}
+    cases = data.get("cases") or (_parse_main_table(out.read_text()) if out.exists() else [])
+    return cases, data.get("dtype", [])
+
+
+def _save_raw(out: Path, cases: list[dict], dtype_rows: list[dict]) -> None:
+    out.with_suffix(".json").write_text(json.dumps({"cases": cases, "dtype": dtype_rows}, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-gib", type=float, default=6.0, help="never start a case estimated above this")
     parser.add_argument("--repeats", type=int, default=3, help="runs per (method, case), each in a fresh process")
     parser.add_argument("--sweep-repeats", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/loss_kernel.md")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="only redraw the plot (next to --out, .png) from the numbers already there")
+    parser.add_argument("--dtype-sweep", action="store_true",
+                        help="only rerun the dtype section (about 2 minutes) and update --out, its .json and the plot")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -391,7 +519,24 @@ def main(argv: list[str] | None = None) -> None:
 
     from tqdm import tqdm
 
+    out = Path(args.out)
+    png = out.with_suffix(".png")
     methods = ["naive", "fused"] + (["liger"] if _liger_available() else [])
+    if args.plot_only or args.dtype_sweep:
+        cases, dtype_rows = _load_raw(out)
+        if args.dtype_sweep:
+            dtype_methods = [m for m in methods if m != "liger"]  # liger's kernel is fp32-tuned; kept out
+            with tqdm(total=len(DTYPE_VOCABS) * len(DTYPES) * len(dtype_methods), desc="loss-kernel dtype runs",
+                      disable=args.no_progress) as bar:
+                dtype_rows = _dtype_rows(dtype_methods, bar)
+            _save_raw(out, cases, dtype_rows)
+            out.write_text(_replace_section(out.read_text() if out.exists() else "", DTYPE_HEADING,
+                                            _dtype_section(dtype_rows)))
+        if not cases and not dtype_rows:
+            parser.error(f"no numbers to plot in {out} or {out.with_suffix('.json')}: run the benchmark first")
+        plot(cases, dtype_rows, png)
+        print(f"bench_loss_kernel: plot in {png}" + (f", report in {out}" if args.dtype_sweep else ""))
+        return
     header = [
         "# Policy-loss kernel: naive vs fused vs Liger (CPU)",
         "",
@@ -414,15 +559,22 @@ def main(argv: list[str] | None = None) -> None:
         + len(CASES) * (len(methods) + len(SUBSET_NS)) * args.repeats
         + 2 * len(methods)
     )
-    with tqdm(total=total, desc="loss-kernel runs") as bar:
+    dtype_methods = [m for m in methods if m != "liger"]
+    total += len(DTYPE_VOCABS) * len(DTYPES) * len(dtype_methods)
+    with tqdm(total=total, desc="loss-kernel runs", disable=args.no_progress) as bar:
         sweep = _sweep_section(args.sweep_repeats, bar)
         main_lines, results = _main_section(methods, args.max_gib * GIB, args.repeats, bar)
         grads = _grad_section(methods, bar)
-    lines = header + main_lines + _goal_section(methods, results) + sweep + grads
-    out = Path(args.out)
+        dtype_rows = _dtype_rows(dtype_methods, bar)
+    cases = [{"n": n, "vocab": v, "method": m, "peak_bytes": r["peak"], "time_s": r["time"], "note": r["note"]}
+             for (m, n, v), r in results.items() if r["peak"] is not None]
+    lines = header + main_lines + _goal_section(methods, results) + sweep + grads + _dtype_section(dtype_rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
+    _save_raw(out, cases, dtype_rows)
+    plot(cases, dtype_rows, png)
     print("\n".join(lines))
+    print(f"bench_loss_kernel: report in {out}, raw numbers in {out.with_suffix('.json')}, plot in {png}")
 
 
 if __name__ == "__main__":

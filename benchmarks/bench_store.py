@@ -2,6 +2,8 @@
 snapshot/restore time, and `rank_bm25.BM25Okapi` over the same corpus in the same run.
 
     python -m benchmarks.bench_store [--entries 100000] [--queries 300] [--out benchmarks/results/store.md]
+    python -m benchmarks.bench_store --scaling-only    # only the latency-against-size section and plot
+    python -m benchmarks.bench_store --plot-only       # only redraw store.png from store.json
 
 Entries are synthetic memory sentences (templates over names, places, activities and dates, seeded)
 so the corpus has realistic length and vocabulary skew. The bank uses the hashing embedder at
@@ -13,6 +15,7 @@ cost of embedding a query and of embedding entries is measured separately on a s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -90,10 +93,10 @@ def ms(x: float) -> str:
     return f"{x * 1e3:.2f} ms"
 
 
-def time_calls(fn, items, desc: str) -> list[float]:
+def time_calls(fn, items, desc: str, progress: bool = True) -> list[float]:
     fn(items[0])  # warm caches / lazy views
     out = []
-    for it in tqdm(items, desc=desc, leave=False):
+    for it in tqdm(items, desc=desc, leave=False, disable=not progress):
         t = time.perf_counter()
         fn(it)
         out.append(time.perf_counter() - t)
@@ -107,6 +110,83 @@ def insert_all(bank: MemoryBank, corpus, batch: int, desc: str) -> float:
         ops = [Add(k, text, when) for k, text, when in corpus[start:start + batch]]
         bank.apply(ops, session_id=f"s{start // batch}")
     return time.perf_counter() - t
+
+
+SCALING_HEADING = "## Search latency against bank size"
+
+
+def scaling(args, corpus, queries, emb, progress: bool = True) -> list[dict]:
+    """Search latency at growing bank sizes: one SQLite bank filled in steps, measured at each size."""
+    sizes = sorted({s for s in args.sizes if s <= len(corpus)})
+    bank = MemoryBank(SQLiteStore(Path(tempfile.mkdtemp()) / "scaling.sqlite"), "owner", embedder=emb)
+    bank.search("warm up", k=1)
+    pairs = list(zip(queries, emb.embed(queries)))[: args.scaling_queries]
+    bm25_only = MemoryBank(bank.store, "owner", embedder=None)
+    rows, filled = [], 0
+    for size in tqdm(sizes, desc="latency by bank size", disable=not progress):
+        for start in range(filled, size, args.batch):
+            bank.apply([Add(k, text, when) for k, text, when in corpus[start:min(start + args.batch, size)]],
+                       session_id=f"s{start // args.batch}")
+        filled = size
+        hybrid = time_calls(lambda p: bank.search(p[0], k=10, query_embedding=p[1]), pairs, f"hybrid @ {size:,}", progress)
+        bm25 = time_calls(lambda p: bm25_only.search(p[0], k=10), pairs, f"BM25 @ {size:,}", progress)
+        rows.append({"entries": len(bank), "queries": len(pairs),
+                     "hybrid_p50_ms": pct(hybrid, 50) * 1e3, "hybrid_p95_ms": pct(hybrid, 95) * 1e3,
+                     "bm25_p50_ms": pct(bm25, 50) * 1e3, "bm25_p95_ms": pct(bm25, 95) * 1e3})
+    return rows
+
+
+def scaling_section(rows: list[dict]) -> list[str]:
+    return [
+        SCALING_HEADING,
+        "",
+        f"One SQLite bank filled in steps with the corpus above (batches of 100 ADDs), {rows[0]['queries']} "
+        "queries at each size, query embedding excluded; the plot `store.png` shows the same numbers. "
+        "`python -m benchmarks.bench_store --scaling-only` reruns only this section (about a minute).",
+        "",
+        "| entries | hybrid p50 ms | hybrid p95 ms | BM25 alone p50 ms | BM25 alone p95 ms |",
+        "|---:|---:|---:|---:|---:|",
+        *[f"| {r['entries']:,} | {r['hybrid_p50_ms']:.2f} | {r['hybrid_p95_ms']:.2f} | {r['bm25_p50_ms']:.2f} "
+          f"| {r['bm25_p95_ms']:.2f} |" for r in rows],
+        "",
+    ]
+
+
+def plot_scaling(rows: list[dict], path: Path) -> Path:
+    """Search latency (p50 and p95, hybrid and BM25 alone) against the number of entries, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.4))
+    sizes = [r["entries"] for r in rows]
+    for key, label, colour in (("hybrid", "hybrid (BM25 + 384-d dense, RRF)", "tab:blue"),
+                               ("bm25", "BM25 alone", "tab:orange")):
+        ax.plot(sizes, [r[f"{key}_p50_ms"] for r in rows], "-o", color=colour, label=f"{label}, p50")
+        ax.plot(sizes, [r[f"{key}_p95_ms"] for r in rows], ":", marker="^", color=colour, label=f"{label}, p95")
+    ax.axhline(10, color="grey", lw=0.8, ls="--")
+    ax.text(sizes[0], 10.5, "10 ms", color="grey", fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="entries in the bank (one owner)", ylabel="latency per search, ms",
+           title="Search latency against bank size (top-10, CPU)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def replace_section(md: str, heading: str, section: list[str]) -> str:
+    """`md` with the section under `heading` replaced by `section` (appended when absent)."""
+    lines = md.rstrip("\n").split("\n")
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = section
+    else:
+        lines += [""] + section
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def run(args) -> str:
@@ -214,7 +294,8 @@ def run(args) -> str:
     goal = "met" if p50 < 0.010 else "NOT met"
     rows.append(("1-minute load average at start / end of the run (2 cores)",
                  f"{load_start:.2f} / {os.getloadavg()[0]:.2f}"))
-    return render(args, rows, goal, p50)
+    args.scaling_rows = scaling(args, corpus, queries, emb, not args.no_progress)
+    return render(args, rows, goal, p50) + "\n" + "\n".join(scaling_section(args.scaling_rows))
 
 
 def render(args, rows, goal, p50) -> str:
@@ -233,7 +314,7 @@ def render(args, rows, goal, p50) -> str:
         "|---|---|",
         *[f"| {a} | {b} |" for a, b in rows],
         "",
-        f"Goal (issue 2): hybrid search p50 under 10 ms at 100k entries on 2 cores: **{goal}** "
+        f"Target: hybrid search p50 under 10 ms at 100k entries on 2 cores: **{goal}** "
         f"({p50 * 1e3:.2f} ms).",
     ]
     return "\n".join(lines) + "\n"
@@ -247,11 +328,39 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--minilm-sample", type=int, default=2000)
     p.add_argument("--out", default="benchmarks/results/store.md")
+    p.add_argument("--sizes", type=lambda t: [int(x) for x in t.split(",")],
+                   default=[1_000, 3_000, 10_000, 30_000, 100_000],
+                   help="bank sizes of the latency-against-size section (comma-separated)")
+    p.add_argument("--scaling-queries", type=int, default=100, help="queries per size in that section")
+    p.add_argument("--scaling-only", action="store_true",
+                   help="only rerun the latency-against-size section; update --out, its .json and .png")
+    p.add_argument("--plot-only", action="store_true", help="only redraw the plot from the .json next to --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    report = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(report)
+    if any(s < 1 for s in args.sizes) or args.scaling_queries < 1:
+        p.error("--sizes and --scaling-queries must be >= 1")
+    out = Path(args.out)
+    raw, png = out.with_suffix(".json"), out.with_suffix(".png")
+    if args.plot_only:
+        if not raw.exists():
+            p.error(f"{raw} does not exist: run the benchmark (or --scaling-only) first")
+        plot_scaling(json.loads(raw.read_text())["scaling"], png)
+        print(f"bench_store: plot in {png}")
+        return
+    if args.scaling_only:
+        corpus = make_corpus(max(args.sizes))
+        args.scaling_rows = scaling(args, corpus, make_queries(args.queries), HashingEmbedder(dim=384),
+                                    not args.no_progress)
+        report = replace_section(out.read_text() if out.exists() else "", SCALING_HEADING,
+                                 scaling_section(args.scaling_rows))
+    else:
+        report = run(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    raw.write_text(json.dumps({"scaling": args.scaling_rows}, indent=1) + "\n")
+    plot_scaling(args.scaling_rows, png)
     print(report)
+    print(f"bench_store: report in {out}, raw numbers in {raw}, plot in {png}")
 
 
 if __name__ == "__main__":

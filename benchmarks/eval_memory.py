@@ -17,7 +17,14 @@ four-agent MemoryBuilder), `world` (offline, the exact expert of the generated w
 it fits the character budget; otherwise the question is recorded as skipped), or any other value:
 a chat model name for the four LLM agents. Answerer: `extractive` or a model name; judge: `rule`
 or a model name. Models are reached through `membuilder.llm.LLMClient` (`--base-url`, key from
-MEMBUILDER_LLM_API_KEY / OPENAI_API_KEY), with an on-disk response cache in the output folder.
+MEMBUILDER_LLM_API_KEY / OPENAI_API_KEY), with an on-disk response cache in the output folder;
+the runner loads no model itself (serve a local one, e.g. with the rollout server, and point
+`--base-url` at it). `--builder-max-tokens` / `--answerer-max-tokens` / `--judge-max-tokens` set
+each role's completion budget (an agent answer cut at its budget is recorded as that agent's
+error). `--structured-output` sends each agent's JSON schema as `response_format` (json_schema) so
+a server with guided decoding (`vllm serve`) emits only well-formed answers: for evaluating and
+serving a model, off by default (RL sampling never uses it: there, validity is what is learned).
+While a conversation is built, a second bar moves once per agent call (sessions x 4 agents).
 
 Files under --out:
   config.json              the settings; banks and results are reused only under the same ones
@@ -29,6 +36,7 @@ Files under --out:
                            when a run completes, re-written in dataset order, so a resumed run
                            gives the same file as an uninterrupted one (`elapsed_s` aside)
   runs.jsonl               one line per invocation: mode, wall time, token usage per role
+  accuracy.png             the same accuracies as bars (benchmarks.plot_accuracy compares runs)
   summary.json, summary.md overall and per-category accuracy; LoCoMo's category 5 (adversarial)
                            and LongMemEval's abstention questions are reported apart from the
                            overall score; judge and answer errors are counted apart, never as wrong
@@ -91,8 +99,13 @@ from membuilder.store import SQLiteStore
 
 OFFLINE_BUILDERS = ("annotation", "world", "rag", "full-context")
 BUILD_KEYS = ("dataset", "data", "builder", "embedder", "sessions", "chunk_turns", "chunk_chars", "world_seed",
-              "world_sessions")
-ANSWER_KEYS = ("answerer", "judge", "top_k", "full_context_chars", "full_context_policy")
+              "world_sessions", "builder_max_tokens", "structured_output", "architecture", "state_limit",
+              "dataset_options")
+ANSWER_KEYS = ("answerer", "judge", "top_k", "full_context_chars", "full_context_policy", "answerer_max_tokens",
+               "judge_max_tokens")
+# Completion budgets of the model roles (the library's defaults); a small model that loops in its
+# JSON is better cut early (the cut answer is an agent error, recorded, never parsed).
+DEFAULT_MAX_TOKENS = {"builder": 2048, "answerer": 256, "judge": 256}
 TIMING_FIELDS = ("elapsed_s",)
 ERROR_STATUSES = ("answer_error", "judge_error")
 
@@ -139,10 +152,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-llm-cache", action="store_true", help="do not cache model responses on disk")
     p.add_argument("--save-trajectories", action="store_true",
                    help="model/annotation builders: also save each agent's prompt, raw output and operations")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for role, default in DEFAULT_MAX_TOKENS.items():
+        p.add_argument(f"--{role}-max-tokens", type=int, default=default,
+                       help=f"model {role}: completion token budget per call (default {default})")
+    p.add_argument("--structured-output", action="store_true",
+                   help="model builder: send each agent's JSON schema as response_format (json_schema), so a "
+                        "server with guided decoding (vllm serve) emits only answers of that shape; off by default")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the summary is still printed)")
+    p.add_argument("--architecture", choices=("membuilder", "longshort"), default="membuilder",
+                   help="membuilder: the four agents; longshort: fact splitter -> long-term CRUD agent + "
+                        "short-term state -> answer agent (membuilder.longshort; builders world, annotation, MODEL)")
+    p.add_argument("--state-limit", type=int, default=None,
+                   help="longshort: characters of the short-term state (default membuilder.longshort.DEFAULT_STATE_LIMIT)")
+    p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="memoryagentbench: split= source= chunk_tokens=; memorybench: config= split= (repeatable)")
     args = p.parse_args(argv)
     for name in ("conversations", "sessions", "questions", "top_k", "concurrency", "chunk_turns",
-                 "chunk_chars", "full_context_chars"):
+                 "chunk_chars", "full_context_chars", "builder_max_tokens", "answerer_max_tokens",
+                 "judge_max_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -163,6 +190,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.world_conversations = args.conversations or DEFAULT_CONVERSATIONS
     else:
         args.world_seed = args.world_sessions = None
+    if args.architecture == "longshort":
+        if args.builder in ("rag", "full-context"):
+            p.error("--architecture longshort builds with its own agents: --builder world, annotation or a model")
+        if args.save_trajectories:
+            p.error("--save-trajectories writes the four-agent record format; not with --architecture longshort")
+        if args.state_limit is not None and args.state_limit < 1:
+            p.error("--state-limit must be >= 1")
+    else:
+        args.state_limit = None
+    options = {}
+    for item in args.dataset_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--dataset-option takes KEY=VALUE, got {item!r}")
+        options[key] = int(value) if value.isdigit() else value
+    args.dataset_options = options or None
     if args.builder == "world" and args.dataset != "world":
         p.error("--builder world is the generated world's own expert: it needs --dataset world")
     return args
@@ -171,7 +214,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- data selection ---------------------------------------------------------------------------------
 
 
-def load_conversations(dataset: str, data: str | None) -> list[Conversation]:
+def load_conversations(dataset: str, data: str | None, options: dict | None = None) -> list[Conversation]:
+    if dataset in ("memoryagentbench", "memorybench"):  # membuilder.memory_benchmarks; options pick the subset
+        return load_dataset(dataset, data, **(options or {}))
     if data is not None:
         family = dataset_family(dataset)
         loader = {"locomo": load_locomo, "longmemeval": load_longmemeval, "perltqa": load_perltqa}[family]
@@ -227,6 +272,12 @@ def check_config(args: argparse.Namespace, out: Path, answering: bool) -> None:
         ours["chunk_turns"] = ours["chunk_chars"] = None
     if args.builder != "full-context":
         ours["full_context_chars"] = ours["full_context_policy"] = None
+    if args.builder in OFFLINE_BUILDERS:  # no model: its settings change nothing
+        ours["builder_max_tokens"] = ours["structured_output"] = None
+    if args.answerer == "extractive":
+        ours["answerer_max_tokens"] = None
+    if args.judge == "rule":
+        ours["judge_max_tokens"] = None
     saved = json.loads(path.read_text()) if path.exists() else {}
     results_exist = (out / "results.jsonl").exists() and (out / "results.jsonl").stat().st_size > 0
     keys = BUILD_KEYS + (ANSWER_KEYS if answering and results_exist and saved.get("answerer") else ())
@@ -248,6 +299,17 @@ def make_builder(args: argparse.Namespace, client: LLMClient | None, world=None)
     """The MemoryBuilder for `annotation`, `world` or a model name (imported here: rag needs no agents)."""
     from membuilder.agents import AnnotationExpert, LLMAgentBackend, MemoryBuilder
 
+    if args.architecture == "longshort":
+        from membuilder import longshort as ls
+
+        if args.builder == "world":
+            role_backend = ls.WorldLongShortExpert(world)
+        elif args.builder == "annotation":
+            role_backend = ls.AnnotationLongShortExpert()
+        else:
+            role_backend = ls.LLMRoleBackend(client, model=args.builder, max_tokens=args.builder_max_tokens,
+                                             constrained=args.structured_output)
+        return ls.LongShortBuilder(role_backend, state_limit=args.state_limit or ls.DEFAULT_STATE_LIMIT)
     if args.builder == "world":
         from membuilder.world import WorldExpert
 
@@ -255,7 +317,8 @@ def make_builder(args: argparse.Namespace, client: LLMClient | None, world=None)
     elif args.builder == "annotation":
         backend = AnnotationExpert()
     else:
-        backend = LLMAgentBackend(client, model=args.builder)
+        backend = LLMAgentBackend(client, model=args.builder, max_tokens=args.builder_max_tokens,
+                                  constrained=args.structured_output)
     # the state before each session is only needed for training data, i.e. for saved trajectories
     return MemoryBuilder(backend, snapshots=args.save_trajectories)
 
@@ -278,7 +341,7 @@ def build_banks(args: argparse.Namespace, convs: list[Conversation], out: Path, 
     builder = None if args.builder == "rag" else make_builder(args, client, world)
 
     def one(conv: Conversation) -> None:
-        build_one(args, conv, bank_file(bank_dir, conv.conversation_id), embedder, builder)
+        build_one(args, conv, bank_file(bank_dir, conv.conversation_id), embedder, builder, progress)
 
     bar = tqdm(total=len(todo), desc="build", unit="conv", disable=not progress)
     if args.concurrency == 1:
@@ -294,7 +357,35 @@ def build_banks(args: argparse.Namespace, convs: list[Conversation], out: Path, 
     return len(todo)
 
 
-def build_one(args, conv: Conversation, path: Path, embedder, builder) -> None:
+def agent_progress(conv: Conversation, sessions: int | None, enabled: bool, agents_per_session: int = 4):
+    """A bar over one conversation's agent calls (sessions x agents), and the builder hook that moves it."""
+    n = len(conv.sessions[:sessions] if sessions is not None else conv.sessions)
+    bar = tqdm(total=n * agents_per_session, desc=f"  {conv.conversation_id}", unit="agent", leave=False,
+               disable=not enabled)
+    failed = 0
+
+    def on_agent(index: int, agent, error: str | None) -> None:
+        nonlocal failed
+        failed += error is not None
+        name = getattr(agent, "value", agent)  # a MemoryKind, or a long/short role name
+        bar.set_postfix_str(f"session {index + 1}/{n}, {name} done, {failed} agent errors", refresh=False)
+        bar.update()
+
+    return bar, on_agent
+
+
+def agents_per_session(args) -> int:
+    """Agent calls per session of the builder `args` ask for (compression steps aside)."""
+    if getattr(args, "architecture", "membuilder") == "longshort":
+        from membuilder.longshort.schema import ROLES
+
+        return len(ROLES)
+    from membuilder.agents.prompts import AGENT_KINDS
+
+    return len(AGENT_KINDS)
+
+
+def build_one(args, conv: Conversation, path: Path, embedder, builder, progress: bool = False) -> None:
     partial = path.with_name(path.name + ".partial")
     for leftover in (partial, Path(f"{partial}-wal"), Path(f"{partial}-shm")):
         leftover.unlink(missing_ok=True)
@@ -308,10 +399,14 @@ def build_one(args, conv: Conversation, path: Path, embedder, builder) -> None:
                                  max_chars=args.chunk_chars)
             log_lines.append({"conversation_id": conv.conversation_id, "chunks": chunks})
         else:
-            for record in builder.build(bank, conv, max_sessions=args.sessions):
-                log_lines.append(session_log(record))
-                if args.save_trajectories:
-                    trajectories.append(record)
+            bar, on_agent = agent_progress(conv, args.sessions, progress, agents_per_session(args))
+            try:
+                for record in builder.build(bank, conv, max_sessions=args.sessions, on_agent=on_agent):
+                    log_lines.append(session_log(record))
+                    if args.save_trajectories:
+                        trajectories.append(record)
+            finally:
+                bar.close()
         log_lines.append({"conversation_id": conv.conversation_id, "active_entries": len(bank),
                           "core_chars": len(bank.core)})
     finally:
@@ -333,7 +428,8 @@ def session_log(record) -> dict:
         "session_id": record.session_id,
         "created": len(record.result.created), "updated": len(record.result.updated),
         "retired": len(record.result.retired), "core_changed": record.result.core_changed,
-        "agents": {kind.value: {"operations": [op.action for op in rec.operations],
+        "agents": {kind.value: {"operations": [op["action"] if isinstance(op, dict) else op.action  # longshort: dicts
+                                               for op in rec.operations],
                                 "rejected": list(rec.rejected), "error": rec.error}
                    for kind, rec in record.agents.items()},
     }
@@ -601,6 +697,7 @@ def write_summary(args, out: Path, wall_this_run: float) -> dict:
     runs = read_results(out / "runs.jsonl")
     summary = {
         "dataset": args.dataset, "data": args.data, "builder": args.builder, "answerer": args.answerer,
+        "architecture": args.architecture,
         "judge": args.judge, "embedder": args.embedder, "top_k": args.top_k, "sessions": args.sessions,
         **summarise(rows, dataset_family(args.dataset)),
         "build": build_summary(out), "tokens": usage_totals(runs),
@@ -608,6 +705,10 @@ def write_summary(args, out: Path, wall_this_run: float) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(render_markdown(summary))
+    if summary["all"]["judged"]:
+        from benchmarks.plot_accuracy import plot_accuracy
+
+        plot_accuracy([summary], out / "accuracy.png")
     return summary
 
 
@@ -632,7 +733,7 @@ def run(argv: list[str] | None = None, *, on_record: Callable[[dict], None] | No
         world = generate_world(args.world_seed, conversations=args.world_conversations, sessions=args.world_sessions)
         convs = world.dataset()
     else:
-        convs = load_conversations(args.dataset, args.data)
+        convs = load_conversations(args.dataset, args.data, args.dataset_options)
     selected = convs[: args.conversations] if args.conversations else convs
     answering = args.mode in ("answer", "full")
     check_config(args, out, answering)
@@ -658,8 +759,15 @@ def run(argv: list[str] | None = None, *, on_record: Callable[[dict], None] | No
             build_banks(args, selected, out, embedder, clients.get("build"), progress, world)
         if answering:
             answerer = (ExtractiveAnswerer() if args.answerer == "extractive"
-                        else LLMAnswerer(clients["answer"], model=args.answerer))
-            judge = RuleJudge() if args.judge == "rule" else LLMJudge(clients["judge"], model=args.judge)
+                        else LLMAnswerer(clients["answer"], model=args.answerer, max_tokens=args.answerer_max_tokens))
+            if args.architecture == "longshort":  # the answer agent: state + long-term memories + query
+                from membuilder.longshort import LongShortAnswerer, OfflineAnswerAgent
+
+                answerer = (OfflineAnswerAgent() if args.answerer == "extractive" else
+                            LongShortAnswerer(clients["answer"], model=args.answerer,
+                                              max_tokens=args.answerer_max_tokens))
+            judge = (RuleJudge() if args.judge == "rule"
+                     else LLMJudge(clients["judge"], model=args.judge, max_tokens=args.judge_max_tokens))
             answer_all(args, selected, out, embedder, answerer, judge, progress, record_hook)
             canonicalise_results(out / "results.jsonl", convs)
     finally:
@@ -672,9 +780,23 @@ def run(argv: list[str] | None = None, *, on_record: Callable[[dict], None] | No
         for client in clients.values():
             client.close()
     summary = write_summary(args, out, wall)
-    if progress:
-        print(render_markdown(summary))
+    # --no-progress hides the bars only: the summary and where it went are always printed
+    print(render_markdown(summary))
+    print(results_line(args, out))
     return summary
+
+
+def results_line(args, out: Path) -> str:
+    """The last line of a run: where its results went."""
+    parts = []
+    if args.mode in ("answer", "full"):
+        parts.append(f"results in {out / 'results.jsonl'}")
+    if args.mode in ("build", "full") and args.builder != "full-context":
+        parts.append(f"banks in {out / 'banks'}")
+    parts.append(f"summary in {out / 'summary.md'} and summary.json")
+    if (out / "accuracy.png").exists():
+        parts.append("plot in accuracy.png")
+    return "eval_memory: " + ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

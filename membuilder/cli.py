@@ -51,7 +51,8 @@ def _check_owner_exists(store: SQLiteStore, owner: str, path: str) -> None:
     owners = store.owners()
     if owner not in owners:
         raise MemBuilderError(
-            f"bank {path} has no owner {excerpt(owner)} (owners: {[excerpt(o) for o in owners[:20]]})"
+            f"bank {path} has no owner {excerpt(owner)} (owners: "
+            f"{', '.join(excerpt(o) for o in owners[:20]) or 'none'}{', ...' if len(owners) > 20 else ''})"
         )
 
 

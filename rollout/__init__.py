@@ -6,6 +6,7 @@ server: `rollout.hf_engine.HFEngine`, `rollout.vllm_engine.VLLMEngine`,
 """
 
 from rollout.lora import policy_weights
+from rollout.weight_sync import LazyWeights, push_weights_all_ranks
 from rollout.session import AgentPrompt, SessionRollout, rollout_sessions
 from rollout.types import (
     MAX_SEED,
@@ -25,6 +26,7 @@ __all__ = [
     "Completion",
     "GenerationCancelled",
     "InvalidRequestError",
+    "LazyWeights",
     "Prompt",
     "RolloutEngine",
     "RolloutError",
@@ -32,5 +34,6 @@ __all__ = [
     "SessionRollout",
     "WeightSyncError",
     "policy_weights",
+    "push_weights_all_ranks",
     "rollout_sessions",
 ]

@@ -5,6 +5,10 @@
     completions = engine.generate(prompts, SamplingParams(n=8, temperature=0.8, top_p=0.9))
     engine.update_weights(policy_weights(model))     # after each optimizer step
 
+Under FSDP2 (the policy sharded over several trainer ranks) every rank calls
+`rollout.weight_sync.push_weights_all_ranks(engine, named, is_sender=rank == 0)` instead of
+`update_weights`, so that the shards are gathered in the same order on every rank.
+
 Generation sends one HTTP request per `generate` call (`POST /v1/generate`, all prompts with
 their sampling parameters); the server merges concurrent calls. Every `Completion` carries the
 `weight_version` that produced it.
@@ -42,7 +46,7 @@ from rollout.types import (
     WeightSyncError,
     per_prompt_params,
 )
-from rollout.weight_sync import DEFAULT_BUCKET_BYTES, WeightTransport, tensor_metas
+from rollout.weight_sync import DEFAULT_BUCKET_BYTES, TensorMeta, WeightTransport, push_source
 
 
 class RemoteEngine:
@@ -168,11 +172,28 @@ class RemoteEngine:
         version: int | None = None,
     ) -> None:
         """Push a complete set of weights; raise `WeightSyncError` if the server refuses or fails to
-        load it, or the weight-sync group fails (then rebuilt, see the module docstring)."""
+        load it, or the weight-sync group fails (then rebuilt, see the module docstring). A
+        `LazyWeights` (merged LoRA weights) is announced from its metadata and computed one bucket
+        at a time while it is sent. Under FSDP2 use `rollout.weight_sync.push_weights_all_ranks`,
+        which every rank calls."""
+        metas, named = push_source(named_tensors)
+        push_id = self._announce(metas, bucket_bytes, version)
+        try:
+            self._require_transport().send(named, bucket_bytes, metas=metas)
+        except Exception as e:  # gloo / NCCL: the server left the group or gave up waiting; or a
+            # LazyWeights tensor came out unlike its announcement, leaving the server mid-push
+            self._rebuild_group(f"sending the weights failed: {type(e).__name__}: {e}")
+        self._finish_push(push_id)
+
+    def _require_transport(self) -> WeightTransport:
         if self._transport is None:
             raise RuntimeError("call connect_weights() before update_weights()")
-        named = list(named_tensors)
-        body: dict[str, Any] = {"tensors": [m.to_json() for m in tensor_metas(named)], "bucket_bytes": bucket_bytes}
+        return self._transport
+
+    def _announce(self, metas: Sequence[TensorMeta], bucket_bytes: int, version: int | None) -> int:
+        """Announce a push (names, shapes, dtypes) to the server; its push id, or WeightSyncError."""
+        self._require_transport()
+        body: dict[str, Any] = {"tensors": [m.to_json() for m in metas], "bucket_bytes": bucket_bytes}
         if version is not None:
             body["version"] = version
         try:
@@ -183,11 +204,11 @@ class RemoteEngine:
             if getattr(e, "status", None) == 409 and "broken" in str(e):
                 self._rebuild_group(str(e))
             raise WeightSyncError(str(e)) from None
-        try:
-            self._transport.send(named, bucket_bytes)
-        except Exception as e:  # gloo / NCCL: the server left the group or gave up waiting
-            self._rebuild_group(f"sending the weights failed: {type(e).__name__}: {e}")
-        push = self._wait_push(reply["push_id"])
+        return int(reply["push_id"])
+
+    def _finish_push(self, push_id: int) -> None:
+        """Wait until the server has loaded push `push_id`; WeightSyncError if it did not."""
+        push = self._wait_push(push_id)
         if push.get("broken"):
             self._rebuild_group(f"the server could not receive the push: {push['error']}")
         if not push["ok"]:

@@ -6,6 +6,14 @@ log-prob of each sampled token is read from the raw logits (a `LogitsProcessor` 
 generate's temperature / top-p warpers sees the unmodified float32 logits), one step behind, so
 only one `[B, V]` log-softmax is held at a time instead of `[B, T, V]`.
 
+Sampling: every sequence (prompt i, sample j) draws its tokens from a generator of its own, seeded
+with the prompt's derived seed + j (`rollout.types.prompt_seeds`, the seeds vLLM uses), so a seeded
+prompt's samples do not depend on the other prompts of the call, their order or the micro-batch
+(up to the float rounding of batched matrix products). transformers' `generate` runs greedy; a
+`LogitsProcessor` applies temperature and transformers' `TopPLogitsWarper`, samples each row with
+its generator and leaves only the sampled token for the argmax. Unseeded prompts get a fresh base
+seed from torch's global generator on every call (so `torch.manual_seed` makes them repeatable).
+
 The engine owns its model: its `generation_config` is replaced with a neutral one at construction
 so that only `SamplingParams` shape the distribution (a checkpoint's repetition penalty or top-k
 would otherwise leak in).
@@ -33,11 +41,20 @@ from transformers import (
     PreTrainedTokenizerBase,
     StoppingCriteria,
     StoppingCriteriaList,
+    TopPLogitsWarper,
 )
 
 from rollout.chat import check_length, eos_token_ids, finish_completion, render_prompt
-from rollout.types import Completion, GenerationCancelled, Prompt, SamplingParams, per_prompt_params
-from rollout.weight_sync import WeightSpec, full_tensor, tensor_metas
+from rollout.types import (
+    MAX_SEED,
+    Completion,
+    GenerationCancelled,
+    Prompt,
+    SamplingParams,
+    per_prompt_params,
+    prompt_seeds,
+)
+from rollout.weight_sync import WeightSpec, full_tensor, push_source
 
 
 class _SampledLogprobs(LogitsProcessor):
@@ -69,6 +86,29 @@ class _SampledLogprobs(LogitsProcessor):
         return torch.stack(self.steps, dim=1)
 
 
+class _RowSampler(LogitsProcessor):
+    """Samples each row's next token with the row's own generator; returns scores whose argmax is it.
+
+    Placed after `_SampledLogprobs`, which has already read the raw logits. The distribution is
+    transformers' own: logits / temperature, then `TopPLogitsWarper` (which keeps at least one
+    token), then a softmax."""
+
+    def __init__(self, generators: list[torch.Generator], params: SamplingParams) -> None:
+        self.generators = generators
+        self.temperature = float(params.temperature)
+        self.top_p = TopPLogitsWarper(float(params.top_p)) if params.top_p < 1 else None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        logits = scores.float() / self.temperature
+        if self.top_p is not None:
+            logits = self.top_p(input_ids, logits)
+        probs = torch.softmax(logits, dim=-1)
+        tokens = torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, tokens[:, None], 0.0)
+        return out
+
+
 class _Cancelled(StoppingCriteria):
     """Ends every row at the next step once the engine's `cancel()` was called."""
 
@@ -82,8 +122,9 @@ class _Cancelled(StoppingCriteria):
 class HFEngine:
     """Rollout engine on a transformers causal LM (CPU or GPU)."""
 
-    # One seed drives the whole batch, so a seeded prompt's samples depend on its batch-mates.
-    seed_per_prompt = False
+    # Every sequence has its own generator (module docstring): a seeded prompt's samples do not
+    # depend on its batch-mates, so the rollout server may merge seeded requests.
+    seed_per_prompt = True
 
     def __init__(
         self,
@@ -128,8 +169,8 @@ class HFEngine:
         self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[list[Completion]]:
         """`n` completions per prompt (see `rollout.types.RolloutEngine`); `params` may be one
-        `SamplingParams` per prompt. Prompts with equal parameters are generated together, each
-        such group from one generator seeded with its seed. Not reentrant (one call at a time);
+        `SamplingParams` per prompt. Prompts whose parameters differ only in the seed are generated
+        together; every sequence samples with its own generator (module docstring). Not reentrant (one call at a time);
         `cancel()` may be called from any thread."""
         if self._asleep:
             raise RuntimeError("the engine is asleep: call wake_up() before generate()")
@@ -144,35 +185,42 @@ class HFEngine:
             )
             check_length(ids, p.max_tokens, self.max_model_len)
             prompt_ids.append(ids)
+        seeds = [
+            int(torch.randint(0, MAX_SEED + 1 - p.n, ())) if s is None else s
+            for s, p in zip(prompt_seeds(per_prompt, prompt_ids), per_prompt, strict=True)
+        ]
         groups: dict[SamplingParams, list[int]] = {}
         for i, p in enumerate(per_prompt):
-            groups.setdefault(p, []).append(i)
+            groups.setdefault(dataclasses.replace(p, seed=None), []).append(i)
         version = self.weight_version
         results: list[list[Completion]] = [[] for _ in prompts]
         with self._state_lock:
             self._running, self._cancelled = True, False
         try:
             for p, indices in groups.items():
-                for i, samples in zip(indices, self._generate_group([prompt_ids[i] for i in indices], p), strict=True):
+                group = self._generate_group([prompt_ids[i] for i in indices], [seeds[i] for i in indices], p)
+                for i, samples in zip(indices, group, strict=True):
                     results[i] = [dataclasses.replace(c, weight_version=version) for c in samples]
         finally:
             with self._state_lock:
                 self._running = False
         return results
 
-    def _generate_group(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def _generate_group(
+        self, prompt_ids: list[list[int]], seeds: list[int], params: SamplingParams
+    ) -> list[list[Completion]]:
         rows = sorted(
             ((i, j) for i in range(len(prompt_ids)) for j in range(params.n)), key=lambda r: len(prompt_ids[r[0]])
         )
         results: list[list[Completion | None]] = [[None] * params.n for _ in prompt_ids]
-        devices = [self.device] if self.device.type == "cuda" else []
         chunks = [rows[k : k + self.max_batch_size] for k in range(0, len(rows), self.max_batch_size)]
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
+        with torch.inference_mode():
             for chunk in tqdm(chunks, desc="generate (transformers)", disable=not self.show_progress):
                 batch = [prompt_ids[i] for i, _ in chunk]
-                completions = self._generate_batch(batch, params)
+                generators = [] if params.greedy else [
+                    torch.Generator(self.device).manual_seed(seeds[i] + j) for i, j in chunk
+                ]
+                completions = self._generate_batch(batch, params, generators)
                 if self._cancelled:
                     raise GenerationCancelled("generation cancelled (the server is shutting down?)")
                 for (i, j), completion in zip(chunk, completions, strict=True):
@@ -186,7 +234,9 @@ class HFEngine:
             if self._running:
                 self._cancelled = True
 
-    def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(
+        self, batch: list[list[int]], params: SamplingParams, generators: list[torch.Generator]
+    ) -> list[Completion]:
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -195,22 +245,18 @@ class HFEngine:
             attention_mask[b, width - len(ids) :] = 1
         config = GenerationConfig(
             max_new_tokens=params.max_tokens,
-            do_sample=not params.greedy,
+            do_sample=False,  # sampling, if any, is _RowSampler's
             eos_token_id=None if params.ignore_eos else sorted(self.eos_ids),
             pad_token_id=self.pad_id,
             stop_strings=list(params.stop) or None,
-            **(
-                {}
-                if params.greedy
-                else {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": 0}
-            ),
         )
         recorder = _SampledLogprobs(self)
+        processors = [recorder] if params.greedy else [recorder, _RowSampler(generators, params)]
         sequences = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             generation_config=config,
-            logits_processor=LogitsProcessorList([recorder]),
+            logits_processor=LogitsProcessorList(processors),
             stopping_criteria=StoppingCriteriaList([_Cancelled(self)]),
             **({"tokenizer": self.tokenizer} if params.stop else {}),
         )
@@ -225,12 +271,19 @@ class HFEngine:
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], *, version: int | None = None) -> None:
         """Copy a complete, validated set of weights into the model (refused as a whole on error);
-        completions report `version` from now on (default: the previous version + 1)."""
-        named = list(named_tensors)
-        self.weight_spec.check(tensor_metas(named))
+        completions report `version` from now on (default: the previous version + 1). A
+        `LazyWeights` (e.g. `policy_weights` of a LoRA policy) is validated from its metadata, then
+        merged and copied one tensor at a time."""
+        metas, named = push_source(named_tensors)
+        self.weight_spec.check(metas)
         params = dict(self.model.named_parameters())
-        for name, t in self.weight_spec.canonical(named):
-            params[name].copy_(full_tensor(t))
+        present = {m.name for m in metas}
+        for name, t in named:
+            target = self.weight_spec.aliases.get(name)
+            if target is not None and target in present:  # the tied parameter comes under its own name
+                continue
+            params[target or name].copy_(full_tensor(t))
+            del t  # the next tensor is made while the loop variable still holds this one
         self.weight_version = self.weight_version + 1 if version is None else int(version)
 
     def sleep(self, level: int = 1) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import select
+import socket
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -104,9 +106,19 @@ class Handler(BaseHTTPRequestHandler):
         # Constant-time: the time to refuse must not tell how many leading characters matched.
         return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
 
+    def _client_gone(self) -> bool:
+        """Whether the client closed its side: the socket reads as end-of-file (data waiting, e.g. a
+        pipelined next request, means it is still there)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset, or already closed
+            return True
+
     def _dispatch(self, method: str) -> None:
         app = self.app
         app._request_started()
+        app._client.gone = self._client_gone
         try:
             path = self.path.split("?", 1)[0]
             route = app.routes().get((method, path))

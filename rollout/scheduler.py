@@ -14,19 +14,31 @@ from rollout.types import GenerationCancelled, SamplingParams
 if TYPE_CHECKING:
     from rollout.server import RolloutServer
 
+GONE_POLL_S = 0.25  # how often a waiting request checks that its client is still connected
+
 
 @dataclass
 class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
+    abandoned: bool = False  # the client that asked for it disconnected
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
         self.done.set()
 
-    def wait(self) -> Any:
-        self.done.wait()
+    def wait(self, client_gone: Callable[[], bool] | None = None, on_gone: Callable[[_Job], None] | None = None) -> Any:
+        """The job's result. With `client_gone`, checked every `GONE_POLL_S` while waiting: once it
+        says the client left, the job is marked `abandoned` and `on_gone(job)` is called (once)."""
+        if client_gone is None:
+            self.done.wait()
+        else:
+            while not self.done.wait(GONE_POLL_S):
+                if not self.abandoned and client_gone():
+                    self.abandoned = True
+                    if on_gone is not None:
+                        on_gone(self)
         if self.error is not None:
             raise self.error
         return self.result
@@ -64,6 +76,7 @@ class Scheduler(threading.Thread):
         self.call_started: float | None = None  # monotonic time the engine call in progress began
         self.running = 0  # generation requests in the engine call in progress
         self._seen: tuple[Any, float] = (None, 0.0)  # (engine progress, when it was first seen)
+        self._current: list[_GenerateJob] = []  # the generation requests of the engine call in progress
 
     def run(self) -> None:
         while True:
@@ -113,10 +126,10 @@ class Scheduler(threading.Thread):
             return now - self._seen[1]
 
     def _batches(self, jobs: list[_GenerateJob]) -> list[list[_GenerateJob]]:
-        # The transformers engine drives a call from one generator, so a seeded request is
-        # reproducible only alone; vLLM seeds each prompt from its own content (rollout.types),
-        # so seeded requests merge unless they share a seeded prompt (its derived seed would
-        # change with the number of identical prompts before it in the call).
+        # Engines that seed each prompt from its own content (rollout.types: both built-in ones)
+        # merge seeded requests unless they share a seeded prompt (its derived seed would change
+        # with the number of identical prompts before it in the call); an engine without
+        # `seed_per_prompt` runs each seeded request alone, so it stays reproducible.
         per_prompt_seeds = getattr(self.server.engine, "seed_per_prompt", False)
         batches: list[list[_GenerateJob]] = []
         batch: list[_GenerateJob] = []
@@ -137,19 +150,40 @@ class Scheduler(threading.Thread):
             batches.append(batch)
         return batches
 
+    def client_left(self, job: _Job) -> None:
+        """A waiting request's client disconnected (`job.abandoned` is set). A queued request is
+        dropped when its turn comes; if every request of the engine call in progress is abandoned,
+        the call is cancelled (an engine with `cancel()`), since nobody waits for its output. A
+        call that also serves live requests runs to its end."""
+        with self._lock:
+            current = list(self._current)
+        if any(j is job for j in current) and all(j.abandoned for j in current):
+            cancel = getattr(self.server.engine, "cancel", None)
+            if cancel is not None:
+                cancel()
+
     def _generate(self, batch: list[_GenerateJob]) -> None:
         if self.abandon:
             for job in batch:
                 job.finish(error=GenerationCancelled("the server is shutting down"))
             return
+        for job in [j for j in batch if j.abandoned]:
+            job.finish(error=GenerationCancelled("the client disconnected"))
+        batch = [j for j in batch if not j.abandoned]
+        if not batch:
+            return
         try:
             prompts = [p for j in batch for p in j.prompts]
             params = [p for j in batch for p in j.params]
             self.running = len(batch)
+            with self._lock:
+                self._current = batch
             try:
                 outputs = self._timed(lambda: self.server.engine.generate(prompts, params))
             finally:
                 self.running = 0
+                with self._lock:
+                    self._current = []
             start = 0
             for job in batch:
                 job.finish(outputs[start : start + len(job.prompts)])

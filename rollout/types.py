@@ -15,13 +15,13 @@ those (e.g. as "old" log-probs of an importance ratio at T = 0.8) must recompute
 Seeds (the same on every backend): `seed=None` draws fresh randomness on every call. With
 `seed=s` a call is reproducible: the same prompts with the same parameters and the same weights
 give the same samples again, on every call (so a trainer that wants new samples each step must
-pass a new seed each step, e.g. derived from the step number). Within one call, prompt i samples
-with a seed derived from (s, i), so identical prompts in one call still get different samples,
-and the n samples of one prompt differ from each other. Backends differ in one respect: vLLM
-seeds every prompt on its own, so a prompt's samples do not depend on its batch-mates; the
-transformers backend drives each call from one generator, so its samples do depend on the whole
-call (same call, same samples). Seeds lie in [0, 2**63 - 1] (`MAX_SEED`): a 64-bit hash must be
-reduced first, e.g. `h % (MAX_SEED + 1)`.
+pass a new seed each step, e.g. derived from the step number). Each prompt samples with a seed of
+its own, derived from s, its tokens and how many identical prompts came before it in the call
+(`prompt_seeds`); sample j uses that seed + j. So identical prompts in one call get different
+samples, the n samples of one prompt differ, and a seeded prompt's samples do not depend on the
+other prompts of the call or their order (up to the float rounding of batched matrix products).
+The same seed gives different samples on different backends. Seeds lie in [0, 2**63 - 1]
+(`MAX_SEED`): a 64-bit hash must be reduced first, e.g. `h % (MAX_SEED + 1)`.
 """
 
 from __future__ import annotations

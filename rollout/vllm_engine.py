@@ -31,6 +31,18 @@ decode step for SmolLM2 at top-p 0.9. On CPU the engine therefore asks vLLM for 
 applies the same nucleus through `rollout.nucleus.NucleusLogitsProcessor` (vLLM's logits-processor
 interface; exact, from a partial top-k). `sort_free_top_p=False` keeps vLLM's own top-p.
 
+KV cache on CPU: vLLM's CPU build sizes its KV cache from `VLLM_CPU_KVCACHE_SPACE` (GiB) or, without
+it, reserves `gpu_memory_utilization` (0.9 by default) of the machine's whole memory and refuses to
+start when less than that is free, which on an ordinary machine is nearly always. So when neither
+that variable nor `kv_cache_memory_bytes` / `gpu_memory_utilization` is given, the engine asks for
+a KV cache of a quarter of the memory free at start-up, at least 1 GiB and at most 4 GiB (vLLM's
+own documented default), and logs the size (`kv_cache_bytes`). Set `VLLM_CPU_KVCACHE_SPACE` or pass
+`kv_cache_memory_bytes=` to choose.
+
+Adapter-only sync (`update_adapter`, an engine started with `enable_lora=True`): instead of merged
+weights, the trainer's LoRA adapter goes to vLLM's own LoRA support, and every generation runs
+the base weights plus the adapter; a push is then the adapter's few MB.
+
 Sleep / wake (GPU only; vLLM's CPU worker has no sleep mode, so there both are no-ops):
 `sleep(level)` frees the KV cache (and offloads, level 1, or drops, level 2, the weights) while the
 trainer runs; `update_weights` wakes only the weights before loading; `wake_up()` restores the rest.
@@ -42,6 +54,7 @@ import dataclasses
 import gc
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -60,10 +73,18 @@ from rollout.types import (
     GenerationCancelled,
     Prompt,
     SamplingParams,
+    WeightSyncError,
     per_prompt_params,
     prompt_seeds,
 )
-from rollout.weight_sync import DEFAULT_BUCKET_BYTES, WeightSpec, full_tensor, plan_buckets, tensor_metas
+from rollout.weight_sync import (
+    DEFAULT_BUCKET_BYTES,
+    WeightSpec,
+    full_tensor,
+    plan_buckets,
+    push_source,
+    tensor_metas,
+)
 
 _MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 _RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
@@ -96,6 +117,27 @@ def _restore_environ(before: Mapping[str, str]) -> None:
     for key, value in before.items():
         if os.environ.get(key) != value:
             os.environ[key] = value
+
+
+_GIB = 2**30
+
+
+def default_cpu_kv_cache_bytes(available_bytes: int | None = None) -> int:
+    """The CPU KV cache size used when none is configured: a quarter of the free memory
+    (`available_bytes`, default: what psutil reports now), clamped to [1 GiB, 4 GiB]."""
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = int(psutil.virtual_memory().available)
+    return int(min(4 * _GIB, max(1 * _GIB, available_bytes // 4)))
+
+
+def _kv_cache_unset(kwargs: Mapping[str, Any]) -> bool:
+    return (
+        os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") == ""
+        and kwargs.get("kv_cache_memory_bytes") is None
+        and "gpu_memory_utilization" not in kwargs
+    )
 
 
 class VLLMEngine:
@@ -153,6 +195,13 @@ class VLLMEngine:
         if self.sort_free_top_p:
             kwargs["logits_processors"] = [make_vllm_processor()]
         kwargs.update(llm_kwargs)
+        self.kv_cache_bytes = kwargs.get("kv_cache_memory_bytes")
+        if not self.on_gpu and _kv_cache_unset(kwargs):
+            self.kv_cache_bytes = kwargs["kv_cache_memory_bytes"] = default_cpu_kv_cache_bytes()
+            logging.getLogger(__name__).info(
+                "VLLM_CPU_KVCACHE_SPACE is not set: using a KV cache of %.2f GiB (a quarter of the free "
+                "memory, 1-4 GiB)", self.kv_cache_bytes / 2**30,
+            )
         # vLLM's CPU worker turns torch.set_num_threads into a no-op while it holds the thread
         # binding; close() hands the process its own function back.
         self._set_num_threads = torch.set_num_threads
@@ -180,6 +229,9 @@ class VLLMEngine:
         self.progress = 0  # engine steps taken so far: the rollout server's sign of life
         self._state_lock = threading.Lock()
         self._running = self._cancelled = False
+        self.lora_enabled = bool(kwargs.get("enable_lora"))
+        self._lora_request = None  # the adapter every generation runs with (update_adapter)
+        self._lora_dir: tempfile.TemporaryDirectory | None = None
 
     def _vllm_params(self, params: SamplingParams, seed: int | None):
         from vllm import SamplingParams as VLLMSamplingParams
@@ -250,7 +302,7 @@ class VLLMEngine:
             self._running, self._cancelled = True, False
         request_ids: list[str] = []
         try:
-            request_ids = self.llm.enqueue(inputs, vllm_params, use_tqdm=False)
+            request_ids = self.llm.enqueue(inputs, vllm_params, lora_request=self._lora_request, use_tqdm=False)
             finished = {}
             with tqdm(total=len(inputs), desc="generate (vLLM)", disable=not self.show_progress) as bar:
                 while engine.has_unfinished_requests():
@@ -296,18 +348,25 @@ class VLLMEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], *, version: int | None = None) -> None:
         """Push a complete set of Hugging Face-named weights into the engine's model (module docstring);
         completions report `version` from now on (default: the previous version + 1)."""
-        named = list(named_tensors)
-        self.weight_spec.check(tensor_metas(named))
+        metas, named = push_source(named_tensors)
+        self.weight_spec.check(metas)
         # vLLM's layer-wise reload unties tied modules while loading; a module that receives no
         # tensor keeps its old kernel state (on CPU the LM head's packed copy of the tied
-        # embedding), so every tied name must be sent.
-        named = self.weight_spec.with_aliases(named)
+        # embedding), so every tied name must be sent. A lazy push (LazyWeights: merged LoRA
+        # weights) streams one tensor at a time, each followed by its missing aliases.
+        if isinstance(named, list):
+            stream = self._stream(self.weight_spec.with_aliases(named))
+        else:
+            stream = (
+                (name, full_tensor(t).to(self.device, non_blocking=True))
+                for name, t in self.weight_spec.stream_with_aliases(metas, named)
+            )
         logging.getLogger(_RELOAD_LOGGER).addFilter(_ROTARY_FILTER)  # idempotent
         if self._asleep and not self._weights_awake:
             self.llm.wake_up(tags=["weights"])
             self._weights_awake = True
         self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": self._stream(named), "is_checkpoint_format": True}
+            "reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True}
         )
         if not self._asleep:  # sleeping cleared the prefix cache already; wake_up resets it again
             self.llm.reset_prefix_cache()
@@ -321,6 +380,46 @@ class VLLMEngine:
             chunk = named[start : start + len(bucket.entries)]
             start += len(bucket.entries)
             yield from [(name, full_tensor(t).to(self.device, non_blocking=True)) for name, t in chunk]
+
+    def update_adapter(self, model: Any, *, version: int | None = None) -> None:
+        """Adapter-only weight sync through vLLM's LoRA support: from now on every generation runs
+        the base weights plus `model`'s active LoRA adapter (a peft `PeftModel`, unsharded).
+
+        The engine must have been started with `enable_lora=True` and a `max_lora_rank` of at least
+        the adapter's rank. The adapter is saved (a few MB, instead of the whole model's merged
+        weights) to a folder the engine owns and loaded by vLLM under a new id; a load that vLLM
+        refuses (e.g. a target module it cannot adapt) raises `WeightSyncError` and the previous
+        adapter stays. Base weights pushed with `update_weights` stay below the adapter. Completions
+        report `version` from now on (default: the previous version + 1)."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.lora_enabled:
+            raise WeightSyncError("adapter-only sync needs an engine started with enable_lora=True")
+        if not hasattr(model, "peft_config") or not hasattr(model, "save_pretrained"):
+            raise WeightSyncError(f"update_adapter takes a peft model, got {type(model).__name__}")
+        new_version = self.weight_version + 1 if version is None else int(version)
+        folder = tempfile.TemporaryDirectory(prefix="rollout-lora-")
+        try:
+            model.save_pretrained(folder.name, selected_adapters=[model.active_adapter])
+            adapter_dir = Path(folder.name)
+            if model.active_adapter != "default":  # peft saves other adapters in a subfolder
+                adapter_dir = adapter_dir / model.active_adapter
+            old = self._lora_request
+            request = LoRARequest(f"policy-{new_version}-{id(folder)}", (old.lora_int_id + 1) if old else 1,
+                                  str(adapter_dir))
+            try:
+                self.llm.llm_engine.add_lora(request)
+            except Exception as e:
+                raise WeightSyncError(f"vLLM refused the adapter: {type(e).__name__}: {e}") from None
+        except BaseException:
+            folder.cleanup()
+            raise
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+        if self._lora_dir is not None:
+            self._lora_dir.cleanup()
+        self._lora_request, self._lora_dir = request, folder
+        self.weight_version = new_version
 
     def sleep(self, level: int = 1) -> None:
         """Free the engine's GPU memory while the trainer runs (no-op on CPU)."""
@@ -354,6 +453,9 @@ class VLLMEngine:
     def close(self) -> None:
         if self.llm is None:
             return
+        if self._lora_dir is not None:
+            self._lora_dir.cleanup()
+            self._lora_dir = None
         self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         gc.collect()

@@ -10,12 +10,17 @@ of its own), broadcast from the trainer, rank 0, over a process group of its own
 NCCL on GPU) built from a TCP store, so it never touches the trainer's default process group.
 Both sides derive the same bucket plan from the tensor list and the bucket size, which travel
 over HTTP beforehand (see `rollout.server`).
+
+A push may be a `LazyWeights` (names, shapes and dtypes up front, tensors made as they are
+consumed: merged LoRA weights), which every engine validates first and then streams. Under FSDP2,
+`push_weights_all_ranks` is the push every rank calls: it gathers the shards in one fixed order
+on all ranks, whatever the engine does with tied aliases.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +80,45 @@ def full_tensor(t: Tensor) -> Tensor:
 def tensor_metas(named: Sequence[tuple[str, Tensor]]) -> list[TensorMeta]:
     """Name, global shape and dtype of each tensor (reads DTensor metadata without gathering)."""
     return [TensorMeta(name, tuple(t.shape), t.dtype) for name, t in named]
+
+
+class LazyWeights:
+    """A push whose tensors are made one at a time, as it is consumed (e.g. merged LoRA weights).
+
+    Names, shapes and dtypes are known up front (`metas()`), so an engine validates the whole push
+    before any tensor is computed, then streams: with `rollout.lora.policy_weights` no more than
+    about one bucket of merged weights exists at a time, instead of a second copy of the model.
+    Iterating yields `(name, tensor)` pairs in order, like a list of them; each tensor is checked
+    against its announced shape and dtype. It may be iterated more than once (each time computes
+    the tensors again).
+    """
+
+    def __init__(self, entries: Sequence[tuple[TensorMeta, Callable[[], Tensor]]]):
+        self._entries = list(entries)
+
+    def metas(self) -> list[TensorMeta]:
+        return [meta for meta, _ in self._entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[tuple[str, Tensor]]:
+        for meta, make in self._entries:
+            t = make()
+            if tuple(t.shape) != meta.shape or t.dtype != meta.dtype:
+                raise WeightSyncError(
+                    f"weight {meta.name!r} came out as {tuple(t.shape)} {t.dtype}, announced as "
+                    f"{meta.shape} {meta.dtype}"
+                )
+            yield meta.name, t
+
+
+def push_source(named_tensors: Iterable[tuple[str, Tensor]]) -> tuple[list[TensorMeta], Iterable[tuple[str, Tensor]]]:
+    """(metas, tensors) of a push: a `LazyWeights` stays lazy, anything else becomes a list."""
+    if isinstance(named_tensors, LazyWeights):
+        return named_tensors.metas(), named_tensors
+    named = list(named_tensors)
+    return tensor_metas(named), named
 
 
 class WeightSpec:
@@ -140,6 +184,21 @@ class WeightSpec:
                 continue
             out.append((target or name, t))
         return out
+
+    def stream_with_aliases(
+        self, metas: Sequence[TensorMeta], named: Iterable[tuple[str, Tensor]]
+    ) -> Iterator[tuple[str, Tensor]]:
+        """`named` as it comes, each tensor followed at once by its tied aliases that the push
+        (`metas`) leaves out: `with_aliases` for a stream, holding no tensor for later."""
+        present = {m.name for m in metas}
+        by_target: dict[str, list[str]] = {}
+        for alias, target in self.aliases.items():
+            if alias not in present:
+                by_target.setdefault(target, []).append(alias)
+        for name, t in named:
+            yield name, t
+            for alias in by_target.get(name, ()):
+                yield alias, t
 
     def with_aliases(self, named: Iterable[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
         """Add each missing tied alias with its target's tensor (every tied module gets loaded)."""
@@ -240,18 +299,33 @@ class WeightTransport:
         opts.rootTensor = 0
         self._pg.broadcast([t], opts).wait()
 
-    def send(self, named: Sequence[tuple[str, Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
-        """Broadcast all tensors, bucket by bucket (rank 0 only)."""
+    def send(
+        self,
+        named: Iterable[tuple[str, Tensor]],
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        *,
+        metas: Sequence[TensorMeta] | None = None,
+    ) -> None:
+        """Broadcast all tensors, bucket by bucket (rank 0 only). `named` is consumed in order,
+        one bucket at a time (FSDP shards gathered then); with `metas` it may be any iterable
+        (a `LazyWeights`), otherwise it must be a sequence."""
         if self.rank != 0:
             raise RuntimeError("only rank 0 sends weights")
-        plan = plan_buckets(tensor_metas(named), bucket_bytes)
+        plan = plan_buckets(tensor_metas(named) if metas is None else metas, bucket_bytes)
         if not plan:
             return
-        buf = torch.empty(max(b.nbytes for b in plan), dtype=torch.uint8, device=self.device)
+        buf = self.bucket_buffer(plan)
         it = iter(named)
         for bucket in plan:
-            tensors = [full_tensor(next(it)[1]) for _ in bucket.entries]
-            self._broadcast(pack_bucket(bucket, tensors, buf), root=0)
+            self.send_bucket(bucket, [full_tensor(next(it)[1]) for _ in bucket.entries], buf)
+
+    def bucket_buffer(self, plan: Sequence[Bucket]) -> Tensor:
+        """A send buffer large enough for every bucket of `plan`."""
+        return torch.empty(max(b.nbytes for b in plan), dtype=torch.uint8, device=self.device)
+
+    def send_bucket(self, bucket: Bucket, tensors: Sequence[Tensor], buf: Tensor) -> None:
+        """Pack `tensors` (whole, one per entry) into `buf` and broadcast them (rank 0 only)."""
+        self._broadcast(pack_bucket(bucket, tensors, buf), root=0)
 
     def receive(
         self, metas: Sequence[TensorMeta], bucket_bytes: int = DEFAULT_BUCKET_BYTES
@@ -275,3 +349,111 @@ class WeightTransport:
     def close(self) -> None:
         self._pg = None
         self._store = None
+
+
+def distinct_weights(named: Iterable[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+    """`named` without later entries that repeat a tensor object already listed (a tied weight
+    given under both names, as `state_dict()` lists it): each tensor is gathered once."""
+    seen: set[int] = set()
+    out = []
+    for name, t in named:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append((name, t))
+    return out
+
+
+def push_weights_all_ranks(
+    engine,
+    named_tensors: Iterable[tuple[str, Tensor]],
+    *,
+    is_sender: bool | None = None,
+    group: dist.ProcessGroup | None = None,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    version: int | None = None,
+) -> int:
+    """Push FSDP2-sharded policy weights; every rank of the trainer's `group` calls it with the same
+    list (its own shards). Returns the bytes pushed.
+
+    Gathering a shard (`DTensor.full_tensor()`) is a collective, so every rank must gather the same
+    tensors in the same order. An engine's own alias handling would break that: the colocated vLLM
+    engine appends tied aliases (a second gather of the embedding, on the sender only), the
+    transformers engine drops them (one gather fewer). Here the order is fixed outside the engines:
+    tensors that repeat an earlier one are dropped (`distinct_weights`), then all ranks gather in
+    list order, one bucket of `bucket_bytes` at a time.
+
+    `is_sender` (default: `engine is not None`): this rank loads what it gathers into `engine`.
+    A `RemoteEngine` (one sender, rank 0 of the weight-sync group) receives each bucket as soon as
+    it is gathered, so the sender holds one bucket of full tensors at a time; a local engine (one
+    per rank) gets the full tensors once all are gathered. The ranks agree twice over `group`
+    (before gathering: did every sender's validation or announcement pass; after: did every load
+    succeed), so a refused or failed push raises `WeightSyncError` on every rank instead of
+    leaving some of them waiting in a gather. Without an initialised process group it is a plain
+    push. Not safe to call concurrently with other collectives on `group`.
+    """
+    if is_sender is None:
+        is_sender = engine is not None
+    distributed = dist.is_available() and dist.is_initialized()
+    metas, source = push_source(named_tensors)
+    if isinstance(source, list):
+        source = distinct_weights(source)
+        metas = tensor_metas(source)
+    remote = is_sender and callable(getattr(engine, "_announce", None))
+
+    push_id = None
+    error = None
+    if is_sender:
+        try:
+            if remote:
+                push_id = engine._announce(metas, bucket_bytes, version)
+            else:
+                engine.weight_spec.check(metas)
+        except Exception as e:  # shared with every rank below, then raised everywhere
+            error = f"{type(e).__name__}: {e}"
+    _agree(error, distributed, group, "refused")
+
+    plan = plan_buckets(metas, bucket_bytes)
+    it = iter(source)
+    collected: list[tuple[str, Tensor]] = []
+    transport = engine._require_transport() if remote else None
+    buf = transport.bucket_buffer(plan) if transport is not None and plan else None
+    send_error: str | None = None
+    for bucket in plan:
+        tensors = [full_tensor(next(it)[1]) for _ in bucket.entries]  # the collectives, in list order
+        if not is_sender:
+            continue
+        if transport is not None:
+            if send_error is None:
+                try:
+                    transport.send_bucket(bucket, tensors, buf)
+                except Exception as e:  # keep gathering: the other ranks are in the gathers too
+                    send_error = f"sending the weights failed: {type(e).__name__}: {e}"
+        else:
+            collected.extend((meta.name, t) for (meta, _), t in zip(bucket.entries, tensors, strict=True))
+        del tensors
+
+    error = None
+    if is_sender:
+        try:
+            if remote:
+                if send_error is not None:
+                    engine._rebuild_group(send_error)  # always raises
+                engine._finish_push(push_id)
+            else:
+                engine.update_weights(collected, version=version)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        collected.clear()
+    _agree(error, distributed, group, "failed")
+    return sum(m.nbytes for m in metas)
+
+
+def _agree(error: str | None, distributed: bool, group: dist.ProcessGroup | None, what: str) -> None:
+    """Raise `WeightSyncError` on every rank if any rank reports an error."""
+    errors = [error]
+    if distributed:
+        errors = [None] * dist.get_world_size(group)
+        dist.all_gather_object(errors, error, group=group)
+    bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
+    if bad:
+        raise WeightSyncError(f"weight push {what}: " + "; ".join(bad))

@@ -72,7 +72,7 @@ class LoraConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with a cosine schedule after a linear warmup."""
+    """AdamW; after a linear warmup the rate follows a cosine (`schedule="cosine"`) or stays constant."""
 
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -84,6 +84,7 @@ class OptimConfig:
     warmup_steps: int = 0
     # Final learning rate of the cosine as a fraction of `lr`.
     min_lr_ratio: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
 
     def __post_init__(self):
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")

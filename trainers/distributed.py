@@ -152,3 +152,25 @@ def exit_launched_process(code: int = 0) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def shard_frozen_model(model: torch.nn.Module, cfg: DistributedConfig) -> torch.nn.Module:
+    """Shard a frozen model (the reference policy) with FSDP2 the way the policy is sharded.
+
+    `Accelerator.prepare` shards only models it trains (with their optimizer), so the reference
+    gets `fully_shard` on each decoder layer (`cfg.wrap_class` or the model's `_no_split_modules`)
+    and on the root, over the default process group. Its forward then gathers one layer at a
+    time, like the policy's. Call on every process, after the process group exists.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    names = {cfg.wrap_class} if cfg.wrap_class else set(getattr(model, "_no_split_modules", None) or ())
+    if not names:
+        raise ValueError(f"{type(model).__name__} names no layer class to shard; set distributed.wrap_class")
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"no module of class {sorted(names)} in {type(model).__name__}")
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True)
+    return model

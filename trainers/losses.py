@@ -7,10 +7,19 @@ Per completion token t of sample i (section 7 of the design):
     kl     = exp(logp_ref - logp) - (logp_ref - logp) - 1          (the k3 estimator, >= 0)
     loss_t = pg + beta * kl
 
-`w_i` is the sample's attribution weight (alpha for the dominant kind's agent, else 1). With
-`weight_unclipped_only`, the weight multiplies only the unclipped surrogate:
-`pg = -min(w_i * rho * A, clip(rho) * A)`, so the clip bounds the weighted update instead of
-being scaled by it.
+`w_i` is the sample's attribution weight (alpha for the dominant kind's agent, else 1): it
+multiplies the advantage, so it scales the clipped and the unclipped surrogate alike and never the
+KL term (DESIGN section 6; what the paper's run did). A trainer may fold a per-token truncated
+importance-sampling factor into `w` as well: it too belongs to the policy-gradient term only.
+
+Two bounds the paper's run (veRL) had, both off in `PolicyLossConfig()` and on in the ADRPO
+trainer's defaults:
+- dual clip `c` (> 1): for A < 0 the surrogate is bounded below by `c * A`,
+  `pg = -w * max(min(rho * A, clip(rho) * A), c * A)`, so a token whose ratio has run far above
+  1 cannot push the loss without limit;
+- `kl_clamp`: the k3 value is clamped to `[-kl_clamp, kl_clamp]` (k3 >= 0, so only the top bites)
+  after clamping the log-ratio `ref - logp` to +-20, as veRL's "low_var_kl" does; a clamped token
+  gets no KL gradient.
 
 The per-token losses are aggregated by `PolicyLossConfig.aggregation`. Every aggregation is
 written as a per-token scale, `loss = sum_t scale_t * loss_t`, so the reference here and the
@@ -55,7 +64,10 @@ class PolicyLossConfig:
     aggregation: Aggregation = Aggregation.SEQ_MEAN_TOKEN_MEAN
     # Only read by Aggregation.SEQ_SUM_NORM: the fixed length that divides each sequence's sum.
     norm_length: int | None = None
-    weight_unclipped_only: bool = False
+    # Dual-clip constant c > 1 (None: off); the paper's run used 3.
+    dual_clip: float | None = None
+    # Bound on the per-token k3 value (None: off); the paper's run used 10.
+    kl_clamp: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.aggregation, Aggregation):
@@ -66,6 +78,10 @@ class PolicyLossConfig:
             raise ValueError(f"eps_high must be >= 0, got {self.eps_high}")
         if self.beta < 0.0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
+        if self.kl_clamp is not None and not self.kl_clamp > 0.0:
+            raise ValueError(f"kl_clamp must be > 0 (or None), got {self.kl_clamp}")
         if self.aggregation is Aggregation.SEQ_SUM_NORM:
             if self.norm_length is None or self.norm_length <= 0:
                 raise ValueError(
@@ -80,6 +96,7 @@ class TokenTerms(NamedTuple):
     ratio: Tensor  # rho, 1 where masked
     clipped_low: Tensor  # bool: rho < 1 - eps_low and the clipped surrogate was taken
     clipped_high: Tensor  # bool: rho > 1 + eps_high and the clipped surrogate was taken
+    clipped_dual: Tensor  # bool: A < 0 and the dual-clip bound c * A was taken
     kl: Tensor | None  # k3, zero where masked; None without reference log-probs
 
 
@@ -105,27 +122,35 @@ def per_token_terms(
     clipped_ratio = ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
     unclipped = ratio * adv
     clipped = clipped_ratio * adv
-    if config.weight_unclipped_only:
-        unclipped = w * unclipped
-        pg = -torch.minimum(unclipped, clipped)
-    else:
-        pg = -w * torch.minimum(unclipped, clipped)
+    surrogate = torch.minimum(unclipped, clipped)
     # The clip only matters where the clipped surrogate is the smaller one AND it changed rho;
     # there the token gets no gradient from the policy term.
     took_clipped = clipped < unclipped
     clipped_low = mask & took_clipped & (ratio < 1.0 - config.eps_low)
     clipped_high = mask & took_clipped & (ratio > 1.0 + config.eps_high)
+    clipped_dual = torch.zeros_like(mask)
+    if config.dual_clip is not None:
+        bound = config.dual_clip * adv
+        clipped_dual = mask & (adv < 0) & (bound > surrogate)
+        surrogate = torch.where(adv < 0, torch.maximum(surrogate, bound), surrogate)
+    pg = -w * surrogate
     loss = pg
     kl = None
     if ref_logp is not None:
         ref_log_ratio = torch.where(mask, ref_logp.float() - logp32, 0.0)
+        if config.kl_clamp is not None:
+            ref_log_ratio = ref_log_ratio.clamp(-20.0, 20.0)
         kl = torch.exp(ref_log_ratio) - ref_log_ratio - 1.0
+        if config.kl_clamp is not None:
+            kl = kl.clamp(-config.kl_clamp, config.kl_clamp)
         if config.beta != 0.0:
             loss = loss + config.beta * kl
     elif config.beta != 0.0:
         raise ValueError(f"beta={config.beta} needs ref_logp (reference log-probs); got None")
     loss = torch.where(mask, loss, 0.0)
-    return TokenTerms(loss=loss, ratio=ratio, clipped_low=clipped_low, clipped_high=clipped_high, kl=kl)
+    return TokenTerms(
+        loss=loss, ratio=ratio, clipped_low=clipped_low, clipped_high=clipped_high, clipped_dual=clipped_dual, kl=kl
+    )
 
 
 def _scales_seq_mean_token_mean(
@@ -197,7 +222,7 @@ def summarize(
     n = int(mask.sum())
     out: dict[str, float] = {"num_tokens": float(n)}
     if n == 0:
-        out.update(clip_frac_low=0.0, clip_frac_high=0.0, ratio_mean=float("nan"))
+        out.update(clip_frac_low=0.0, clip_frac_high=0.0, clip_frac_dual=0.0, ratio_mean=float("nan"))
         out.update(ratio_min=float("nan"), ratio_max=float("nan"))
         if terms.kl is not None:
             out["kl_mean"] = float("nan")
@@ -208,6 +233,7 @@ def summarize(
         ratio = terms.ratio.detach()[mask]
         out["clip_frac_low"] = terms.clipped_low.sum().item() / n
         out["clip_frac_high"] = terms.clipped_high.sum().item() / n
+        out["clip_frac_dual"] = terms.clipped_dual.sum().item() / n
         out["ratio_mean"] = ratio.mean().item()
         out["ratio_min"] = ratio.min().item()
         out["ratio_max"] = ratio.max().item()

@@ -23,7 +23,12 @@ from tqdm.auto import tqdm
 class MetricsLogger:
     """JSONL + TensorBoard writer; inert when `enabled` is False (non-main processes)."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(
+        self, log_dir: str | Path, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None
+    ):
+        """`resume_step`: the step of the checkpoint a resumed run starts from. Rows of later steps
+        (written by the interrupted run after that checkpoint) are dropped from metrics.jsonl and
+        TensorBoard purges its events after that step, so no step is recorded twice."""
         self.log_dir = Path(log_dir)
         self.enabled = enabled
         self._jsonl = None
@@ -31,10 +36,13 @@ class MetricsLogger:
         if not enabled:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            truncate_metrics(self.log_dir / "metrics.jsonl", resume_step)
         # Appending keeps the history of a resumed run in one file.
         self._jsonl = (self.log_dir / "metrics.jsonl").open("a")
         if tensorboard:
-            self._writer = SummaryWriter(log_dir=str(self.log_dir / "tensorboard"))
+            purge = {"purge_step": resume_step + 1} if resume_step is not None else {}
+            self._writer = SummaryWriter(log_dir=str(self.log_dir / "tensorboard"), **purge)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record `metrics` at optimizer step `step` (floats, ints, or short strings)."""
@@ -65,6 +73,35 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> int:
+    """Drop the rows of `path` (a metrics.jsonl) whose step is above `last_step`; returns how many.
+
+    Rewritten through a temporary file and renamed, so a crash here loses nothing. A line that
+    does not parse (a row cut short by a kill) is dropped too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > last_step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -26,7 +26,6 @@ From Python: `SFTTrainer(cfg).train()` or `train(cfg)`.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 import time
@@ -43,12 +42,13 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch import Tensor
 from torch.distributed.tensor import DTensor
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from trainers.checkpoint import TrainState, latest_checkpoint, load_checkpoint, load_policy, save_checkpoint
-from trainers.config import ConfigError, OptimConfig, SFTConfig, format_config, load_config, save_config
-from trainers.distributed import all_reduce_sum, barrier, exit_launched_process, make_accelerator, shutdown
+from trainers.checkpoint import TrainState, load_checkpoint, load_policy, save_checkpoint
+from trainers.config import ConfigError, SFTConfig, format_config, load_config, save_config
+from trainers.distributed import all_reduce_sum, exit_launched_process, make_accelerator, shutdown
 from trainers.metrics import MetricsLogger, progress_bar
+from trainers.optim import build_optimizer, build_scheduler
+from trainers.recipe import base_model_path, resume_checkpoint
 from trainers.sft_data import (
     BUILTIN_PAIRS,
     IGNORE_INDEX,
@@ -59,9 +59,6 @@ from trainers.sft_data import (
     read_pairs,
     tokenize_pairs,
 )
-from trainers.tiny import save_tiny_policy
-
-logger = logging.getLogger(__name__)
 
 
 def target_nll_sum(logits: Tensor, labels: Tensor) -> Tensor:
@@ -77,22 +74,6 @@ def target_nll_sum(logits: Tensor, labels: Tensor) -> Tensor:
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-
-
-def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (all of them, or the LoRA adapter).
-
-    Weight decay applies to matrices only; norm weights and biases (1-D) are not decayed.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
 @dataclass
@@ -116,13 +97,13 @@ class SFTTrainer:
         set_seed(cfg.train.seed)
         self.output_dir = Path(cfg.checkpoint.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
-        resume = self._resume_path()
+        resume = resume_checkpoint(cfg.checkpoint, self.checkpoints_dir)
         if acc.is_main_process:
             print(format_config(cfg), flush=True)
             save_config(cfg, self.output_dir / "trainer_config.json")
 
         # Model and tokenizer; the weights come from the checkpoint when resuming.
-        self.base_path = self._base_model_path()
+        self.base_path = base_model_path(cfg.model, self.output_dir)
         model, self.tokenizer = load_policy(self.base_path, cfg.model, cfg.lora, checkpoint=resume)
         model.config.use_cache = False
         if cfg.train.gradient_checkpointing and not acc.is_fsdp2:
@@ -140,12 +121,7 @@ class SFTTrainer:
         # Optimizer and schedule; `prepare` shards the model (FSDP2) or wraps it (DDP).
         self.torch_optimizer = build_optimizer(model, cfg.optim)
         self.model, self.optimizer = acc.prepare(model, self.torch_optimizer)
-        self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            self.torch_optimizer,
-            num_warmup_steps=cfg.optim.warmup_steps,
-            num_training_steps=self.total_steps,
-            min_lr_rate=cfg.optim.min_lr_ratio,
-        )
+        self.scheduler = build_scheduler(self.torch_optimizer, cfg.optim, self.total_steps)
 
         self.state = TrainState(global_batch_size=self.global_batch_size)
         if resume is not None:
@@ -157,32 +133,14 @@ class SFTTrainer:
                     f"{resume} was trained with a global batch of {self.state.global_batch_size} examples, this "
                     f"run has {self.global_batch_size}; the position in the data would not carry over"
                 )
-        self.metrics = MetricsLogger(self.output_dir, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard)
+        self.metrics = MetricsLogger(
+            self.output_dir,
+            enabled=acc.is_main_process,
+            tensorboard=cfg.logging.tensorboard,
+            resume_step=self.state.step if resume is not None else None,
+        )
 
     # -- setup helpers ---------------------------------------------------------------------
-
-    def _resume_path(self) -> Path | None:
-        resume = self.cfg.checkpoint.resume
-        if resume is None:
-            return None
-        if resume == "latest":
-            found = latest_checkpoint(self.checkpoints_dir)
-            if found is None:
-                logger.warning("checkpoint.resume=latest: no checkpoint under %s, starting fresh", self.checkpoints_dir)
-            return found
-        path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a checkpoint folder")
-        return path
-
-    def _base_model_path(self) -> Path:
-        if self.cfg.model.path is not None:
-            return Path(self.cfg.model.path)
-        path = self.output_dir / "base_model"
-        if self.accelerator.is_main_process and not (path / "config.json").is_file():
-            save_tiny_policy(path, seed=self.cfg.model.tiny_seed)
-        barrier()
-        return path
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:

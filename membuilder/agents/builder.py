@@ -25,7 +25,7 @@ leaving the bank as it was.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -52,6 +52,10 @@ from .prompts import (
     render_session_prompts,
     speakers_of,
 )
+
+
+# on_agent(session_index, kind, error): one agent of one session finished (error None on success)
+AgentDoneHook = Callable[[int, MemoryKind, "str | None"], None]
 
 
 @dataclass
@@ -96,8 +100,13 @@ class MemoryBuilder:
 
     def add_session(self, bank: MemoryBank, session: Session, *, session_index: int = 0,
                     annotation: SessionAnnotation | None = None,
-                    speakers: Sequence[str] | None = None) -> SessionRecord:
-        """Run the four agents on `session` and apply their operations in one transaction."""
+                    speakers: Sequence[str] | None = None,
+                    on_agent: AgentDoneHook | None = None) -> SessionRecord:
+        """Run the four agents on `session` and apply their operations in one transaction.
+
+        `on_agent(session_index, kind, error)` is called in this thread as each agent finishes
+        (error None on success), before anything is applied: for progress within a session.
+        """
         if not isinstance(session, Session):
             raise InvalidInputError(f"session must be a membuilder.datasets.Session, got {type(session).__name__}")
         speakers = tuple(speakers) if speakers else speakers_of(session)
@@ -109,7 +118,7 @@ class MemoryBuilder:
                                        annotation=annotation, core=core, entries=prompts[kind].entries,
                                        speakers=speakers, core_limit=bank.core_limit)
                     for kind in AGENT_KINDS}
-        outcomes = self._run_agents(prompts, contexts)
+        outcomes = self._run_agents(prompts, contexts, on_agent=on_agent, session_index=session_index)
         applied = apply_agent_outputs(
             bank, {kind: out.raw_output for kind, out in outcomes.items() if out.error is None},
             session_id=session.session_id,
@@ -132,11 +141,13 @@ class MemoryBuilder:
 
     def build(self, bank: MemoryBank, conversation: Conversation, *, max_sessions: int | None = None,
               start: int = 0, progress: bool = False,
-              on_record: Callable[[SessionRecord], None] | None = None) -> list[SessionRecord]:
+              on_record: Callable[[SessionRecord], None] | None = None,
+              on_agent: AgentDoneHook | None = None) -> list[SessionRecord]:
         """Add the conversation's sessions in order (from `start`, at most `max_sessions`).
 
         The conversation's annotations go to the matching sessions; `on_record` is called after each
-        session (e.g. to append the record to a JSONL file, so a crash loses nothing done).
+        session (e.g. to append the record to a JSONL file, so a crash loses nothing done);
+        `on_agent` as each agent of each session finishes (see `add_session`).
         """
         if max_sessions is not None and max_sessions < 0:
             raise InvalidInputError(f"max_sessions must be >= 0, got {max_sessions}")
@@ -148,7 +159,7 @@ class MemoryBuilder:
             session = conversation.sessions[index]
             record = self.add_session(bank, session, session_index=index,
                                       annotation=annotations.get(session.session_id),
-                                      speakers=conversation.speakers)
+                                      speakers=conversation.speakers, on_agent=on_agent)
             records.append(record)
             if on_record is not None:
                 on_record(record)
@@ -169,12 +180,22 @@ class MemoryBuilder:
         return out
 
     def _run_agents(self, prompts: dict[MemoryKind, RenderedPrompt],
-                    contexts: dict[MemoryKind, AgentContext]) -> dict[MemoryKind, _Outcome]:
+                    contexts: dict[MemoryKind, AgentContext], *, on_agent: AgentDoneHook | None = None,
+                    session_index: int = 0) -> dict[MemoryKind, _Outcome]:
         pool = ThreadPoolExecutor(max_workers=min(self.max_workers, len(AGENT_KINDS)))
         try:
             futures = {kind: pool.submit(self._call, kind, prompts[kind].messages, contexts[kind])
                        for kind in AGENT_KINDS}
-            wait(futures.values(), timeout=self.agent_timeout_s)
+            kinds = {future: kind for kind, future in futures.items()}
+            told: set[MemoryKind] = set()
+            try:
+                # as_completed rather than wait: the hook hears of each agent as soon as it is done
+                for future in as_completed(kinds, timeout=self.agent_timeout_s):
+                    if on_agent is not None:
+                        on_agent(session_index, kinds[future], future.result().error)
+                    told.add(kinds[future])
+            except TimeoutError:
+                pass
         finally:
             # a late agent's thread is left to finish on its own; its answer is never used
             pool.shutdown(wait=False, cancel_futures=True)
@@ -185,6 +206,8 @@ class MemoryBuilder:
             else:
                 outcomes[kind] = _Outcome(error=f"no answer within agent_timeout_s={self.agent_timeout_s}",
                                           elapsed_s=self.agent_timeout_s or 0.0)
+            if on_agent is not None and kind not in told:  # timed out, or finished as the time ran out
+                on_agent(session_index, kind, outcomes[kind].error)
         return outcomes
 
     def _compress(self, proposed: str, context: AgentContext) -> CompressionRecord:

@@ -68,3 +68,64 @@ def test_dora_is_refused(tiny_dir):
     model = get_peft_model(load_model(tiny_dir), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(WeightSyncError, match="DoRA"):
         list(policy_weights(model))
+
+
+class _MergeCounter:
+    """Wraps `rollout.lora._merge` so the test sees every merged tensor made and which still live."""
+
+    def __init__(self, monkeypatch):
+        import weakref
+
+        import rollout.lora as lora
+
+        self.made = 0
+        self.alive_at_make: list[int] = []  # merged tensors still alive each time a new one is made
+        self._refs: list = []
+        original = lora._merge
+
+        def counting_merge(p, delta, adapters):
+            make = original(p, delta, adapters)
+
+            def counted():
+                self.alive_at_make.append(sum(r() is not None for r in self._refs))
+                t = make()
+                self.made += 1
+                self._refs.append(weakref.ref(t))
+                return t
+
+            return counted
+
+        monkeypatch.setattr(lora, "_merge", counting_merge)
+
+
+def test_metadata_comes_before_any_merge(peft_model, monkeypatch):
+    counter = _MergeCounter(monkeypatch)
+    lazy = policy_weights(peft_model)
+    metas = lazy.metas()
+    assert counter.made == 0  # names, shapes and dtypes without a single merge
+    from rollout.weight_sync import tensor_metas
+
+    assert metas == tensor_metas(list(lazy))
+    # 2 layers x 3 targeted modules (q_proj, v_proj, down_proj): 6 merged weights per pass.
+    assert counter.made == 6
+
+
+def test_lora_push_streams_one_merge_at_a_time_and_refuses_before_merging(peft_model, tiny_dir, monkeypatch):
+    from rollout.weight_sync import WeightSpec
+
+    engine = HFEngine(tiny_dir)
+    counter = _MergeCounter(monkeypatch)
+    engine.update_weights(policy_weights(peft_model))
+    # Materialising the push first (list(...)) would leave 0, 1, ..., 5 merged tensors alive.
+    assert counter.made == 6 and max(counter.alive_at_make) <= 1, counter.alive_at_make
+    prompt = render_prompt(engine.tokenizer, PROMPTS[1])
+    (c,) = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=6, seed=2))[0]
+    ref = forward_logprobs(peft_model, prompt, c.token_ids)
+    torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-5, rtol=0)
+    # An engine that does not know one of the names refuses the push before merging anything.
+    shapes = dict(engine.weight_spec.shapes)
+    del shapes["model.layers.1.self_attn.q_proj.weight"]
+    engine.weight_spec = WeightSpec(shapes, engine.weight_spec.aliases)
+    with pytest.raises(WeightSyncError, match="unknown weight name 'model.layers.1.self_attn.q_proj.weight'"):
+        engine.update_weights(policy_weights(peft_model))
+    assert counter.made == 6

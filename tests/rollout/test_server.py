@@ -213,6 +213,18 @@ def test_weight_push_over_gloo_is_exact(server, client, original, tok, tiny_dir)
     torch.testing.assert_close(torch.tensor(after.logprobs), torch.tensor(lps), atol=1e-5, rtol=0)
 
 
+def test_lora_push_streams_merged_weights_over_gloo(server, client, tiny_dir, tok):
+    from rollout.lora import policy_weights
+    from tests.rollout.test_lora import lora_policy
+
+    policy = lora_policy(tiny_dir)
+    client.update_weights(policy_weights(policy), bucket_bytes=2**16)  # announced from metadata, merged per bucket
+    prompt = render_prompt(tok, PROMPTS[0])
+    (c,) = client.generate([PROMPTS[0]], SamplingParams(max_tokens=8, seed=4))[0]
+    ref = forward_logprobs(policy, prompt, c.token_ids)  # the adapted policy itself
+    torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-5, rtol=0)
+
+
 def test_bad_push_is_refused_before_any_tensor_moves(server, client, original, tiny_dir):
     client.update_weights(original.named_parameters())
     version = client.request("GET", "/v1/weights")["version"]

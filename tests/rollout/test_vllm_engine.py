@@ -25,15 +25,28 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 def engine(tiny_dir):
     from rollout.vllm_engine import VLLMEngine
 
-    saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; the tiny model needs little
-    eng = VLLMEngine(tiny_dir, dtype="float32", seed=0)
+    import psutil
+
+    # Started as a user would, without VLLM_CPU_KVCACHE_SPACE (vLLM alone refuses to start then,
+    # unless 90% of the machine's memory is free); the machine is said to have 4 GiB free, so the
+    # engine's default is a quarter of that, 1 GiB, enough for the tiny model.
+    free = psutil.virtual_memory()._replace(available=4 * 2**30)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+        mp.setattr(psutil, "virtual_memory", lambda: free)
+        eng = VLLMEngine(tiny_dir, dtype="float32", seed=0)
+    assert eng.kv_cache_bytes == 2**30
     yield eng
     eng.close()
-    if saved is None:
-        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    else:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+
+
+def test_default_cpu_kv_cache_by_hand():
+    from rollout.vllm_engine import default_cpu_kv_cache_bytes
+
+    gib = 2**30
+    assert default_cpu_kv_cache_bytes(8 * gib) == 2 * gib  # a quarter of 8 GiB
+    assert default_cpu_kv_cache_bytes(2 * gib) == gib  # a quarter would be 0.5 GiB: at least 1 GiB
+    assert default_cpu_kv_cache_bytes(40 * gib) == 4 * gib  # a quarter would be 10 GiB: at most 4 GiB
 
 
 def test_sampled_logprobs_match_a_forward_pass(engine, original):

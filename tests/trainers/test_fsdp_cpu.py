@@ -119,7 +119,7 @@ def _worker_grpo(out: Path) -> None:
 
     from trainers.config import DistributedConfig
     from trainers.distributed import make_accelerator
-    from trainers.grpo_toy import run_toy_grpo
+    from tests.trainers.grpo_toy import run_toy_grpo
     from trainers.tiny import build_tiny_policy
 
     model, tokenizer = build_tiny_policy(seed=0)

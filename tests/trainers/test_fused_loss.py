@@ -117,16 +117,18 @@ def _compare(case, cfg, temperature, chunk, dtype, packed=False):
     with_bias=st.booleans(),
     with_ref=st.booleans(),
     aggregation=st.sampled_from(list(Aggregation)),
-    weight_unclipped_only=st.booleans(),
+    dual_clip=st.sampled_from([None, 1.1, 3.0]),
+    kl_clamp=st.sampled_from([None, 0.05, 10.0]),
 )
 def test_fused_matches_reference_fp32(
-    seed, B, T, H, V, chunk, temperature, with_bias, with_ref, aggregation, weight_unclipped_only
+    seed, B, T, H, V, chunk, temperature, with_bias, with_ref, aggregation, dual_clip, kl_clamp
 ):
     cfg = PolicyLossConfig(
         beta=0.02 if with_ref else 0.0,
         aggregation=aggregation,
         norm_length=7,
-        weight_unclipped_only=weight_unclipped_only,
+        dual_clip=dual_clip,
+        kl_clamp=kl_clamp,
     )
     case = _make_case(seed, B, T, H, V, with_bias, with_ref)
     _compare(case, cfg, temperature, chunk, torch.float32)

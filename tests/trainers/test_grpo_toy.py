@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainers.grpo_toy import run_toy_grpo, target_share_reward
+from tests.trainers.grpo_toy import run_toy_grpo, target_share_reward
 from trainers.tiny import build_tiny_policy
 
 

@@ -74,30 +74,45 @@ def test_weight_scales_whole_policy_term():
     torch.testing.assert_close(grad, 4 * torch.tensor([-0.736781, 0.0, -0.493879]), atol=1e-5, rtol=0)
 
 
-def test_weight_unclipped_only_positive_advantage():
-    # -min(w * rho * A, clip(rho) * A) with w = 4, A = 2:
-    #  t0: min(8.841368, 2.210342) = 2.210342 (rho in range: the clip leaves it, gradient rho*A)
-    #  t1: min(10.798872, 2.4) = 2.4           (clipped high)
-    #  t2: min(5.926544, 1.6) = 1.6            (rho < 0.8 and the clipped term wins: clipped low)
-    # loss = -(2.210342 + 2.4 + 1.6) / 3 = -2.070114
-    cfg = PolicyLossConfig(weight_unclipped_only=True)
-    loss, metrics, grad = _run(cfg, 2.0, weight=4.0)
-    assert loss == pytest.approx(-2.070114, abs=1e-5)
-    assert metrics["clip_frac_high"] == pytest.approx(1 / 3)
+def test_dual_clip_bounds_negative_advantage_only():
+    # c = 1.2 (so that rho = 1.349859 crosses it), A = -1; the bound is c * A = -1.2:
+    #  t0: min(-1.105171, -1.105171) = -1.105171 > -1.2            -> loss 1.105171
+    #  t1: min(-1.349859, -1.2)      = -1.349859 < -1.2: dual clip -> loss 1.2, no gradient
+    #  t2: min(-0.740818, -0.8)      = -0.8 (clipped low)          -> loss 0.8, no gradient
+    # loss = (1.105171 + 1.2 + 0.8) / 3 = 1.035057
+    loss, metrics, grad = _run(PolicyLossConfig(dual_clip=1.2), -1.0)
+    assert loss == pytest.approx(1.035057, abs=1e-5)
+    assert metrics["clip_frac_dual"] == pytest.approx(1 / 3)
     assert metrics["clip_frac_low"] == pytest.approx(1 / 3)
-    torch.testing.assert_close(grad, torch.tensor([-0.736781, 0.0, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad, torch.tensor([1.105171 / 3, 0.0, 0.0]), atol=1e-5, rtol=0)
+    # A > 0: the dual clip never acts; same as test_positive_advantage_clips_high_ratio_only.
+    loss, metrics, _ = _run(PolicyLossConfig(dual_clip=1.2), 2.0)
+    assert loss == pytest.approx(-2.030659, abs=1e-5)
+    assert metrics["clip_frac_dual"] == 0.0
 
 
-def test_weight_unclipped_only_negative_advantage_is_fully_weighted():
-    # w = 4, A = -1: the weighted unclipped term is always the smaller one:
-    #  t0: min(-4.420684, -1.105171) -> 4.420684
-    #  t1: min(-5.399436, -1.2)      -> 5.399436
-    #  t2: min(-2.963272, -0.8)      -> 2.963272
-    # loss = (4.420684 + 5.399436 + 2.963272) / 3 = 4.261131
-    cfg = PolicyLossConfig(weight_unclipped_only=True)
-    loss, metrics, _ = _run(cfg, -1.0, weight=4.0)
-    assert loss == pytest.approx(4.261131, abs=1e-5)
-    assert metrics["clip_frac_low"] == 0.0 and metrics["clip_frac_high"] == 0.0
+def test_weight_scales_dual_clipped_term_too():
+    # w = 4 multiplies the bounded surrogate: 4 * 1.035057 = 4.140228.
+    loss, _, grad = _run(PolicyLossConfig(dual_clip=1.2), -1.0, weight=4.0)
+    assert loss == pytest.approx(4.140228, abs=1e-4)
+    torch.testing.assert_close(grad, torch.tensor([4 * 1.105171 / 3, 0.0, 0.0]), atol=1e-5, rtol=0)
+
+
+def test_kl_clamp_bounds_k3_and_stops_its_gradient():
+    # A = 0, rho = 1: only beta * k3. ref - logp = [3, 0.5]:
+    #  k3 = [e^3 - 3 - 1, e^0.5 - 0.5 - 1] = [16.085537, 0.148721]; clamped at 10 -> [10, 0.148721]
+    # loss = 0.02 * (10 + 0.148721) / 2 = 0.10148721 (unclamped: 0.02 * 16.234258 / 2 = 0.16234258)
+    # gradient: t0 clamped -> 0; t1: 0.02 / 2 * (1 - e^0.5) = -0.00648721
+    logp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[2.0, -0.5]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    args = (logp, logp.detach(), torch.zeros(1), torch.ones(1), mask)
+    loss, _ = policy_loss(*args, PolicyLossConfig(beta=0.02, kl_clamp=10.0), ref_logp=ref)
+    assert loss.item() == pytest.approx(0.10148721, abs=1e-7)
+    (grad,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(grad, torch.tensor([[0.0, -0.00648721]]), atol=1e-7, rtol=0)
+    loss, _ = policy_loss(*args, PolicyLossConfig(beta=0.02), ref_logp=ref)
+    assert loss.item() == pytest.approx(0.16234258, abs=1e-6)
 
 
 def _aggregation_batch():
@@ -165,6 +180,19 @@ def test_kl_k3_hand_value_and_gradient():
     torch.testing.assert_close(grad, torch.tensor([[0.00393469, -0.00648721]]), atol=1e-8, rtol=0)
 
 
+def test_attribution_weight_never_scales_the_kl_term():
+    # Same case as test_kl_k3_hand_value_and_gradient (A = 0, so only beta * k3 = 0.00255252
+    # remains); a weight of 4 must leave both the loss and its gradient unchanged.
+    logp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -0.5]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    cfg = PolicyLossConfig(beta=0.02)
+    loss, _ = policy_loss(logp, logp.detach(), torch.zeros(1), torch.full((1,), 4.0), mask, cfg, ref_logp=ref)
+    assert loss.item() == pytest.approx(0.00255252, abs=1e-8)
+    (grad,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(grad, torch.tensor([[0.00393469, -0.00648721]]), atol=1e-8, rtol=0)
+
+
 def test_kl_reported_but_not_added_when_beta_zero():
     logp = torch.tensor([[-1.0]])
     ref = torch.tensor([[-1.5]])
@@ -224,3 +252,7 @@ def test_bad_inputs_raise_clear_errors():
         PolicyLossConfig(aggregation="token_mean")
     with pytest.raises(ValueError, match="eps_low"):
         PolicyLossConfig(eps_low=1.5)
+    with pytest.raises(ValueError, match="dual_clip"):
+        PolicyLossConfig(dual_clip=1.0)
+    with pytest.raises(ValueError, match="kl_clamp"):
+        PolicyLossConfig(kl_clamp=0.0)

@@ -41,3 +41,19 @@ def test_disabled_logger_writes_nothing(tmp_path):
     bar = progress_bar(10, initial=3, enabled=False)
     assert bar.disable and bar.n == 3
     bar.close()
+
+
+def test_a_run_resumed_from_a_checkpoint_drops_the_rows_after_it(tmp_path):
+    # An interrupted run logged steps 1-4 (and half a line of step 5); its last checkpoint is step 2.
+    with MetricsLogger(tmp_path) as log:
+        for step in range(1, 5):
+            log.log(step, {"x": float(step)})
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 5, "x"')
+    with MetricsLogger(tmp_path, resume_step=2) as log:
+        log.log(3, {"x": 30.0})
+    assert [(r["step"], r["x"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    # TensorBoard purged the old steps 3 and 4 (purge_step = 3) before the new step 3.
+    assert [(e.step, e.value) for e in events.Scalars("x")] == [(1, 1.0), (2, 2.0), (3, 30.0)]

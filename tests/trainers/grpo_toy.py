@@ -1,5 +1,8 @@
 """A toy GRPO loop on a causal LM, used by the learning tests (single process and FSDP2).
 
+Kept in the tests as a minimal check of the fused loss under FSDP2; the real loop is
+`trainers/adrpo.py` (tests/trainers/test_adrpo*.py).
+
 Each step: sample G completions of fixed length for each prompt, reward each completion by the
 share of its tokens that fall in a target set, compute group advantages, take the sampling
 policy's log-probs as `old_logp` (on-policy), and take `updates_per_batch` optimizer steps on the

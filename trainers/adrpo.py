@@ -1,0 +1,451 @@
+"""ADRPO: the memory agents' policy trained by group-relative RL on the session reward.
+
+Each step (DESIGN section 7):
+1. take `data.sessions_per_step` sessions (a seeded per-epoch order; each process takes every
+   world-th of them); sample G completions for each (session, agent) prompt from the rollout
+   engine at temperature T and top-p;
+2. score candidate g of each session (state before + the g-th output of every agent) with the
+   reward function: R(g, m) = v(g, m) * T(g) * (1 - lambda * l(g, m)), attribution weight w;
+3. A = (R - mean) / (std + eps) per (session, agent) group (unbiased std, eps 1e-6; all-equal
+   groups give 0 and are counted; masked samples are out of the statistics and of the loss);
+4. recompute, with the weights that generated the rollout, the log-probs at the sampling
+   temperature (logits / T) of the policy (`logp_old`) and of the frozen reference (`logp_ref`),
+   and the policy's temperature-1 log-probs, compared with the engine's (which are temperature 1)
+   only for the mismatch metrics and the truncated importance-sampling factor `c`;
+5. minimise, over the completion tokens t of the step's samples i,
+
+       L = sum_{i,t} s_{i,t} * [ -w_i c_{i,t} max( min(rho A_i, clip(rho, 1-eps_lo, 1+eps_hi) A_i), d(A_i) )
+                                 + beta * min(k3_{i,t}, kl_clamp) ]
+
+   with rho = exp(logp - logp_old), d(A) = dual_clip * A for A < 0 (else -inf),
+   k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1, and the aggregation scale s: token mean
+   (default, 1 / number of completion tokens of the whole step), or a per-sequence mean. The
+   normaliser counts the tokens (or sequences) of ALL micro-batches of ALL processes of the
+   step, so the gradient does not depend on how the batch is split;
+6. one optimizer step per rollout batch (or `loss.updates_per_batch` steps over the same batch),
+   then push the weights to the engine.
+
+Departures from the paper's run (veRL ~0.4), all named by config fields:
+- old log-probs at the sampling temperature on both sides, never mixed with the engine's;
+  a truncated importance-sampling correction (`rollout.tis`, cap 2) for engine/trainer mismatch,
+  on by default for vLLM and remote rollouts (the paper had none);
+- the token mean is over the whole step, not inside micro-batches of 4 sequences;
+- masked samples (reward failure, session without QA) are excluded and counted, never scored 0;
+- a step whose every sample is masked (or empty) makes no optimizer step at all, rather than
+  one of weight decay and stale momentum; it is logged (`train/skipped_update`);
+- `ADRPOConfig()` has the paper's sizes but SmolLM2-135M and the generated world; the command
+  line without --config runs `trainers/configs/adrpo_cpu.yaml` (G = 4, answers up to 64 tokens,
+  1 session per step, 2 steps); `trainers/configs/adrpo_paper_gpu.yaml` is the paper's setting
+  (Qwen3-4B after SFT, vLLM, API answerer and judge).
+
+Run:
+    accelerate launch trainers/adrpo.py                       # trainers/configs/adrpo_cpu.yaml
+    python trainers/adrpo.py --config trainers/configs/adrpo_paper_gpu.yaml --resume latest
+    accelerate launch --multi_gpu --num_processes 2 trainers/adrpo.py distributed.fsdp=true
+From Python: `ADRPOTrainer(cfg, reward_fn=my_reward).train()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as `python trainers/adrpo.py`: put the repository root, not trainers/, first on the path.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import torch
+from accelerate.utils import set_seed
+from transformers import AutoModelForCausalLM
+
+from reward.types import RewardComputationError, RewardFn, SessionReward, SessionRewardRequest
+from rollout.session import SessionRollout, rollout_sessions
+from rollout.types import RolloutEngine, SamplingParams
+from trainers.adrpo_config import ADRPOConfig
+from trainers.checkpoint import TrainState, load_checkpoint, load_policy, save_checkpoint
+from trainers.config import ConfigError, format_config, load_config, save_config
+from trainers.data.rl_rows import RLRow, read_rl_rows
+from trainers.distributed import (
+    all_reduce_sum,
+    barrier,
+    exit_launched_process,
+    make_accelerator,
+    shard_frozen_model,
+    shutdown,
+)
+from trainers.engines import build_engine, build_reward, connect_remote_weights, push_weights
+from trainers.metrics import MetricsLogger, progress_bar
+from trainers.optim import build_optimizer, build_scheduler
+from trainers.packing import enable_shared_prompt_attention
+from trainers.recipe import base_model_path, resume_checkpoint
+from trainers.rl_batch import (
+    RLSession,
+    agent_prompts,
+    assign_advantages,
+    batch_counts,
+    build_requests,
+    check_rewards,
+    collect_samples,
+    counts_to_metrics,
+    epoch_order,
+    group_sessions,
+    step_sessions,
+)
+from trainers.rl_step import PolicyBatch, policy_update, prepare_policy_batch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ADRPOResult:
+    metrics: list[dict[str, float]] = field(default_factory=list)  # one row per step
+    state: TrainState = field(default_factory=TrainState)
+    checkpoint: Path | None = None
+    plot: Path | None = None
+
+
+class ADRPOTrainer:
+    """Sets up policy, reference, optimizer, engine and reward from an `ADRPOConfig`; `train()` runs.
+
+    `reward_fn` replaces the configured reward, `rows` the configured RL set, `engine` the
+    configured rollout engine (the trainer then owns it and closes it).
+    """
+
+    def __init__(
+        self,
+        cfg: ADRPOConfig,
+        *,
+        reward_fn: RewardFn | None = None,
+        rows: list[RLRow] | None = None,
+        engine: RolloutEngine | None = None,
+    ):
+        self.cfg = cfg
+        acc = self.accelerator = make_accelerator(
+            cfg.distributed, activation_checkpointing=cfg.train.gradient_checkpointing
+        )
+        set_seed(cfg.train.seed)
+        self.output_dir = Path(cfg.checkpoint.output_dir)
+        self.checkpoints_dir = self.output_dir / "checkpoints"
+        resume = resume_checkpoint(cfg.checkpoint, self.checkpoints_dir)
+        if acc.is_main_process:
+            print(format_config(cfg), flush=True)
+            save_config(cfg, self.output_dir / "trainer_config.json")
+
+        # Data: sessions of the RL set, the same on every process.
+        self.base_path = base_model_path(cfg.model, self.output_dir)
+        self.snapshots_dir = Path(cfg.data.snapshots) if cfg.data.snapshots else None
+        rows = rows if rows is not None else self._read_rows()
+        self.sessions: list[RLSession] = group_sessions(rows, cfg.data.agents, cfg.data.split)
+        if not self.sessions:
+            raise ValueError(f"no sessions of split {cfg.data.split!r} for agents {cfg.data.agents} in the RL set")
+        if cfg.data.sessions_per_step % acc.num_processes:
+            raise ConfigError(
+                f"data.sessions_per_step={cfg.data.sessions_per_step} must divide by the "
+                f"{acc.num_processes} processes (each rolls out the same number of sessions)"
+            )
+        self.steps_per_epoch = math.ceil(len(self.sessions) / cfg.data.sessions_per_step)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+
+        # Policy (from the checkpoint when resuming) and the frozen reference (the base model).
+        model, self.tokenizer = load_policy(self.base_path, cfg.model, cfg.lora, checkpoint=resume)
+        model.config.use_cache = False
+        self._shared_prompt_attention(model)
+        if cfg.train.gradient_checkpointing and not acc.is_fsdp2:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.torch_optimizer = build_optimizer(model, cfg.optim)
+        self.model, self.optimizer = acc.prepare(model, self.torch_optimizer)
+        self.scheduler = build_scheduler(self.torch_optimizer, cfg.optim, self.total_steps)
+        self.ref_model = self._reference_model() if cfg.loss.beta > 0 else None
+
+        self.state = TrainState(global_batch_size=cfg.data.sessions_per_step)
+        if resume is not None:
+            self.state = load_checkpoint(
+                resume, model=self.unwrapped_model, optimizer=self.torch_optimizer, scheduler=self.scheduler
+            )
+            if self.state.global_batch_size != cfg.data.sessions_per_step:
+                raise ValueError(
+                    f"{resume} was trained with {self.state.global_batch_size} sessions per step, this run has "
+                    f"{cfg.data.sessions_per_step}; the position in the data would not carry over"
+                )
+
+        # Rollout engine and reward; the engine starts from the policy's current weights.
+        weights = resume / "model" if resume is not None else self.base_path
+        self.engine = engine if engine is not None else build_engine(cfg.rollout, weights, seed=cfg.train.seed)
+        self.pushes_weights = acc.is_main_process or cfg.rollout.engine != "remote"
+        # A colocated vLLM engine frees its KV cache and offloads its weights while the trainer
+        # works (GPU only; a no-op on CPU); the push wakes the weights, the next rollout the rest.
+        self.sleeps = engine is None and cfg.rollout.engine == "vllm"
+        if engine is None and cfg.rollout.engine == "remote" and acc.is_main_process:
+            connect_remote_weights(self.engine, cfg.rollout)
+        push_weights(self.unwrapped_model, self.engine, is_sender=self.pushes_weights)
+        if reward_fn is None:
+            if cfg.reward.kind == "local" and self.snapshots_dir is None:
+                raise ConfigError("the in-process reward needs the snapshots of the states before: set data.snapshots")
+            reward_fn = build_reward(cfg.reward, snapshots_dir=self.snapshots_dir, tokenizer=self.tokenizer)
+        self.reward_fn = reward_fn
+        self.metrics = MetricsLogger(
+            self.output_dir,
+            enabled=acc.is_main_process,
+            tensorboard=cfg.logging.tensorboard,
+            resume_step=self.state.step if resume is not None else None,
+        )
+
+    # -- setup helpers ---------------------------------------------------------------------
+
+    def _read_rows(self) -> list[RLRow]:
+        """The configured RL set; without one, the bundled world set (prepared once, by process 0)."""
+        d = self.cfg.data
+        path = d.path
+        if path is None:
+            from trainers.prepare_data import WORLD_CONVERSATIONS, WORLD_SESSIONS, prepare_world
+
+            out = self.output_dir / "data"
+            if self.accelerator.is_main_process:
+                prepare_world(
+                    out,
+                    seed=self.cfg.train.seed,
+                    conversations=d.world_conversations or WORLD_CONVERSATIONS,
+                    sessions=d.world_sessions or WORLD_SESSIONS,
+                    tokenizer=str(self.base_path),  # expert lengths in the policy's own tokens
+                    progress=self.cfg.logging.progress_bar,
+                )
+            barrier()
+            path = out / "rl.parquet"
+        rl_set = read_rl_rows(path)
+        if self.snapshots_dir is None:
+            self.snapshots_dir = rl_set.snapshots_dir
+        return list(rl_set.rows)
+
+    def _reference_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        ref = AutoModelForCausalLM.from_pretrained(
+            self.base_path, dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
+        )
+        ref.requires_grad_(False)
+        ref.config.use_cache = False
+        self._shared_prompt_attention(ref)
+        ref.eval()
+        if self.accelerator.is_fsdp2:
+            return shard_frozen_model(ref, cfg.distributed)
+        return ref.to(self.accelerator.device)
+
+    def _shared_prompt_attention(self, model: torch.nn.Module) -> None:
+        # Packed groups through plain sdpa need a dense [L, L] mask and lose sdpa's causal fast
+        # path; the registered attention computes each prompt once and each answer against it
+        # (benchmarks/results/adrpo_step.md). Must happen before any wrapping (FSDP, peft).
+        if self.cfg.loss.layout == "packed" and self.cfg.model.attn_implementation == "sdpa":
+            enable_shared_prompt_attention(model)
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The policy without a DDP wrapper (FSDP2 models are their own module)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def _rollout(self, sessions: list[RLSession]) -> SessionRollout:
+        r = self.cfg.rollout
+        acc, step = self.accelerator, self.state.step
+        seed = (self.cfg.train.seed * 1_000_003 + step * 1009 + acc.process_index) % 2**31
+        params = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
+        try:
+            return rollout_sessions(self.engine, agent_prompts(sessions), params)
+        except (OSError, ConnectionError) as exc:
+            raise RuntimeError(f"step {step + 1}: the rollout engine failed ({type(exc).__name__}: {exc}); stopping") from exc
+
+    def _score(self, requests: list[SessionRewardRequest]) -> tuple[list[SessionReward | None], str | None]:
+        """Rewards of the sessions that have QA; None for the others and, on a reward failure, for all.
+
+        A `RewardComputationError` (answerer or judge down after retries) masks the batch and
+        training goes on; any other error (a reward server that is gone) stops the run.
+        """
+        scored = [i for i, r in enumerate(requests) if r.qa]
+        out: list[SessionReward | None] = [None] * len(requests)
+        if not scored:
+            return out, None
+        subset = [requests[i] for i in scored]
+        try:
+            rewards = self.reward_fn(subset)
+        except RewardComputationError as exc:
+            logger.warning(
+                "step %d: the reward failed for %d sessions (%s); their samples are masked",
+                self.state.step + 1, len(subset), exc,
+            )
+            return out, f"reward failed: {exc}"
+        check_rewards(subset, rewards)
+        for i, reward in zip(scored, rewards, strict=True):
+            out[i] = reward
+        return out, None
+
+    def train_step(self) -> dict[str, float]:
+        """Rollout, reward, advantages, log-probs, update(s), weight push; returns the step's metrics."""
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        times: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            times[f"time/{name}_s"] = now - clock
+            clock = now
+
+        order = epoch_order(len(self.sessions), cfg.train.seed, state.epoch, cfg.data.shuffle)
+        indices = step_sessions(
+            order, state.batch_in_epoch, cfg.data.sessions_per_step, acc.process_index, acc.num_processes
+        )
+        sessions = [self.sessions[i] for i in indices]
+        if self.sleeps:
+            self.engine.wake_up()
+        rollout = self._rollout(sessions)
+        if self.sleeps:
+            self.engine.sleep(1)
+        lap("rollout")
+
+        requests = build_requests(sessions, rollout)
+        rewards, failure = self._score(requests)
+        samples = collect_samples(
+            sessions, rollout, requests, rewards, failure=failure, mask_truncated=cfg.rollout.mask_truncated
+        )
+        masked = Counter(s.mask_detail for s in samples if s.mask is not None and s.mask_detail)
+        if masked:
+            logger.warning("step %d: masked samples by reason: %s", state.step + 1, dict(masked))
+        groups = assign_advantages(samples, cfg.rollout.group_size, cfg.loss.adv_eps)
+        lap("reward")
+
+        batch: PolicyBatch = prepare_policy_batch(
+            self.model, self.ref_model, samples, cfg, pad_id=self.tokenizer.pad_token_id
+        )
+        lap("logprobs")
+        update = policy_update(self.model, self.optimizer, self.scheduler, acc, batch, cfg)
+        lap("update")
+        push_weights(self.unwrapped_model, self.engine, is_sender=self.pushes_weights)
+        lap("weight_push")
+
+        counts = batch_counts(samples, groups).values
+        keys = sorted(counts)
+        summed = all_reduce_sum(torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=acc.device))
+        metrics = counts_to_metrics(dict(zip(keys, summed.tolist(), strict=True)))
+        metrics.update(batch.metrics)
+        metrics.update(update)
+        generated = all_reduce_sum(torch.tensor(float(sum(s.num_tokens for s in samples)), device=acc.device))
+        metrics["rollout/tokens_per_s"] = float(generated) / max(times["time/rollout_s"], 1e-9)
+        metrics["train/tokens_per_s"] = batch.global_tokens * cfg.loss.updates_per_batch / max(
+            times["time/update_s"] + times["time/logprobs_s"], 1e-9
+        )
+        metrics.update(times)
+        return metrics
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def train(self, stop_at: int | None = None) -> ADRPOResult:
+        """Train until `train.max_steps` / `train.epochs` are done, or until step `stop_at`."""
+        cfg, state = self.cfg, self.state
+        end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
+        result = ADRPOResult(state=state)
+        main = self.accelerator.is_main_process
+        bar = progress_bar(self.total_steps, initial=state.step, enabled=main and cfg.logging.progress_bar, desc="adrpo")
+        while state.step < end:
+            if state.batch_in_epoch >= self.steps_per_epoch:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+            metrics = self.train_step()
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.examples_seen += self.cfg.data.sessions_per_step
+            state.target_tokens_seen += int(metrics["train/loss_tokens"])
+            metrics["train/epoch"] = state.epoch + state.batch_in_epoch / self.steps_per_epoch
+            result.metrics.append(metrics)
+            if state.step % cfg.logging.every_steps == 0 or state.step == end:
+                self.metrics.log(state.step, metrics)
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{metrics['reward/mean']:.3f}", valid=f"{metrics['reward/valid_rate']:.2f}",
+                kl=f"{metrics.get('train/kl_mean', float('nan')):.4f}",
+            )
+            every = cfg.checkpoint.every_steps
+            if (every > 0 and state.step % every == 0) or state.step == end:
+                result.checkpoint = self.save()
+        bar.close()
+        if main:
+            from trainers.plots import plot_reward_curves
+
+            result.plot = plot_reward_curves(self.output_dir / "metrics.jsonl", self.output_dir / "reward_curve.png")
+        return result
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current state (every process must call it)."""
+        return save_checkpoint(
+            self.checkpoints_dir,
+            self.state,
+            model=self.unwrapped_model,
+            optimizer=self.torch_optimizer,
+            scheduler=self.scheduler,
+            tokenizer=self.tokenizer,
+            config=self.cfg,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def train(cfg: ADRPOConfig, **kwargs) -> ADRPOResult:
+    """Run ADRPO to the end of `cfg`'s schedule (does not tear down the process group)."""
+    trainer = ADRPOTrainer(cfg, **kwargs)
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
+    if trainer.accelerator.is_main_process:
+        print(
+            f"metrics: {trainer.output_dir / 'metrics.jsonl'}\nreward curve: {result.plot}\n"
+            f"checkpoint: {result.checkpoint}",
+            flush=True,
+        )
+    return result
+
+
+# What the command line runs without --config: the CPU-sized run on the bundled world.
+EMBEDDED_DEFAULT = Path(__file__).resolve().parent / "configs" / "adrpo_cpu.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> ADRPOConfig:
+    parser = argparse.ArgumentParser(description="ADRPO reinforcement learning of the memory agents.")
+    parser.add_argument(
+        "--config", default=str(EMBEDDED_DEFAULT), help="JSON, TOML or YAML config (default: %(default)s)"
+    )
+    parser.add_argument("--resume", metavar="DIR|latest", help="checkpoint folder, or 'latest' under the output dir")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=1e-6")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    try:
+        return load_config(ADRPOConfig, args.config, overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None, *, exit_process: bool = False) -> None:
+    """The command line; `exit_process` ends a launched worker cleanly (see `exit_launched_process`)."""
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except BaseException:
+        shutdown()
+        raise
+    if exit_process:
+        exit_launched_process(0)
+    shutdown()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main(exit_process=True)
