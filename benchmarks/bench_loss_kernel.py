@@ -1,6 +1,10 @@
 """Peak memory and time of the policy loss's forward+backward: naive vs fused vs Liger, on CPU.
 
     python -m benchmarks.bench_loss_kernel [--max-gib 6] [--repeats 3] [--out benchmarks/results/loss_kernel.md]
+    python -m benchmarks.bench_loss_kernel --dtype-sweep   # only the fp32 / bf16 section (about 2 minutes)
+    python -m benchmarks.bench_loss_kernel --plot-only     # only redraw loss_kernel.png from the saved numbers
+
+A full run writes the report (--out), the raw numbers next to it (.json) and the plot (.png).
 
 Hidden size H = 576 (SmolLM2-135M); N completion tokens in sequences of 512; V = 49,152
 (SmolLM2) or 151,936 (Qwen3). All three paths compute the same loss (ADRPO / GRPO with

@@ -33,7 +33,8 @@ def load_summary(run_dir: str | Path) -> dict:
 
 def groups_of(summary: dict) -> list[tuple[str, dict]]:
     """(label, stats) per question group, in the order the runner's summary lists them."""
-    out = [(f"overall\n({summary['overall_covers']})", summary["overall"])]
+    covers = summary["overall_covers"]
+    out = [(f"overall\n({covers.replace(' ', chr(10)) if len(covers) > 14 else covers})", summary["overall"])]
     out += [(name, st) for name, st in summary["categories"].items()]
     out += [(f"{name}\n(apart)", st) for name, st in summary["apart"].items()]
     return out
@@ -76,7 +77,7 @@ def plot_accuracy(summaries: list[dict], path: str | Path, title: str | None = N
         raise PlotError("no runs to plot")
     labels, table = accuracy_table(summaries)
     width = 0.8 / len(table)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) * max(1, len(table) / 2) + 2), 4.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(labels) * max(1, len(table) / 2) + 2), 4.6))
     for i, (name, cells) in enumerate(table.items()):
         xs = [j - 0.4 + width * (i + 0.5) for j, c in enumerate(cells) if c is not None]
         heights = [c[0] for c in cells if c is not None]

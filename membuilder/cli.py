@@ -200,9 +200,11 @@ def cmd_demo(args) -> int:
     path = Path(args.bank) if args.bank else Path(tempfile.mkdtemp()) / "demo.sqlite"
     with SQLiteStore(path) as store:
         bank = MemoryBank(store, "conv-demo", embedder=_embedder(args.embedder))
-        bank.apply(parse_operations("episodic", {"operations": [
+        first = bank.apply(parse_operations("episodic", {"operations": [
             {"action": "ADD", "memory": "Melanie ran another charity race.", "time": "2023-06-10"}]}),
             session_id="session_0")
+        # shown, so that the E1 which session_2 merges is not a mystery
+        print(f"session_0: created {list(first.created)} ({bank.get(first.created[0]).text!r}, 2023-06-10)")
         for session_id, outputs in _DEMO_SESSIONS:
             state_before = bank.snapshot()
             ops = [op for kind, out in outputs.items() for op in parse_operations(kind, out)]
@@ -218,8 +220,9 @@ def cmd_demo(args) -> int:
         for h in bank.history("S4"):
             print(f"  {h.event}: {h.old_text!r} -> {h.new_text!r}")
         bank.restore(state_before)
-        print(f"\nrestored the state before session_2: core = {bank.core!r}")
-    print(f"\nbank written to {path}; inspect it with: python -m membuilder inspect {path} --owner conv-demo")
+        print(f"\nrestored the state before session_2: core = {bank.core!r}, {len(bank)} active entries")
+    print(f"\nbank (as restored: the state before session_2) written to {path}; inspect it with: "
+          f"python -m membuilder inspect {path} --owner conv-demo")
     return 0
 
 

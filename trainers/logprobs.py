@@ -215,6 +215,17 @@ def policy_hidden_states(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return decoder_hidden_states(model, input_ids, attention_mask, position_ids)
+
+
+def decoder_hidden_states(
+    model: nn.Module,
+    input_ids: Tensor,  # [B, L]
+    attention_mask: Tensor,  # [B, L], or a 4-D mask the model's attention takes as it is
+    position_ids: Tensor,  # [B, L]
+    **attention_kwargs,  # passed by transformers down to the attention function
+) -> Tensor:  # [B, L, H]
+    """Final hidden states from the model's own forward (FSDP hooks run as usual), no logits."""
     captured: list[Tensor] = []
 
     def keep_last_hidden(module: nn.Module, args: tuple, output) -> None:
@@ -229,6 +240,7 @@ def policy_hidden_states(
             use_cache=False,
             # An empty index tensor: the head runs on no position, so no logits are materialised.
             logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
+            **attention_kwargs,
         )
     finally:
         handle.remove()

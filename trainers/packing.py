@@ -73,7 +73,13 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from trainers.logprobs import DEFAULT_CHUNK_SIZE, lm_head_params, policy_hidden_states, token_logprobs
+from trainers.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    decoder_hidden_states,
+    lm_head_params,
+    policy_hidden_states,
+    token_logprobs,
+)
 
 # The attention implementation registered by `enable_shared_prompt_attention`.
 SHARED_PROMPT_ATTENTION = "membuilder_shared_prompt_sdpa"
@@ -328,31 +334,8 @@ def _hidden_with_mask(
     position_ids: Tensor,  # [B, L]
     **attention_kwargs,  # passed by transformers down to the attention function
 ) -> Tensor:  # [B, L, H]
-    """Final hidden states from the model's own forward (FSDP hooks as usual), no logits.
-
-    Like `logprobs.policy_hidden_states`, which derives position ids from a 2-D mask; here both
-    are given.
-    """
-    captured: list[Tensor] = []
-
-    def keep_last_hidden(module: nn.Module, args: tuple, output) -> None:
-        captured.append(output[0])
-
-    handle = model.get_decoder().register_forward_hook(keep_last_hidden)
-    try:
-        model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
-            **attention_kwargs,
-        )
-    finally:
-        handle.remove()
-    if len(captured) != 1:
-        raise RuntimeError(f"expected one decoder forward, captured {len(captured)}")
-    return captured[0]
+    """Final hidden states with the packed rows' own mask and restarted positions, no logits."""
+    return decoder_hidden_states(model, input_ids, attention_mask, position_ids, **attention_kwargs)
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

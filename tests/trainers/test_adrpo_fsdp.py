@@ -11,10 +11,6 @@ One launch of this file as a worker runs both scenarios and writes what it saw u
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.trainers.launch import launch_two_processes
+
 LAUNCH_TIMEOUT_S = 420
 STEPS = 16
 
@@ -95,12 +92,6 @@ def _worker_main(out: Path, model_path: Path) -> None:
     exit_launched_process(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     from trainers.tiny import save_tiny_policy
@@ -109,29 +100,7 @@ def fsdp_run(tmp_path_factory):
     model_path = save_tiny_policy(root / "base_model", seed=0)
     out = root / "out"
     out.mkdir()
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        __file__, "--worker", str(out), str(model_path),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"2-process ADRPO run timed out after {LAUNCH_TIMEOUT_S}s:\n{log[-4000:]}")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    tracebacks = [i for i, line in enumerate(log.splitlines()) if "Traceback" in line]
-    detail = "\n".join(log.splitlines()[tracebacks[0] : tracebacks[0] + 60]) if tracebacks else log[-4000:]
-    assert proc.returncode == 0, f"2-process ADRPO run failed ({proc.returncode}):\n{detail}"
+    launch_two_processes(__file__, [out, model_path], timeout_s=LAUNCH_TIMEOUT_S, what="ADRPO run")
     return out, model_path
 
 

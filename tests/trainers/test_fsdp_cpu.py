@@ -14,10 +14,6 @@ tests below read them and compare with single-process references computed here:
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.trainers.launch import launch_two_processes
+
 LAUNCH_TIMEOUT_S = 420
 SFT_STEPS, RESUME_AT = 6, 4
 GRPO_STEPS = 20
@@ -149,20 +146,6 @@ def _worker_main(out: Path, model_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _errors_of(log: str, tail_chars: int = 3000) -> str:
-    """The tracebacks the workers printed (the config dumps around them can fill any tail), then the tail."""
-    lines = log.splitlines()
-    starts = [i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line]
-    blocks = ["\n".join(lines[i : i + 80]) for i in starts[:4]]
-    return "\n...\n".join([*blocks, "--- last lines ---", log[-tail_chars:]])
-
-
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     """Launch the two-process worker once; returns (worker output dir, base model path)."""
@@ -172,28 +155,7 @@ def fsdp_run(tmp_path_factory):
     model_path = save_tiny_policy(root / "base_model", seed=0)
     out = root / "out"
     out.mkdir()
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        __file__, "--worker", str(out), str(model_path),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # A session of its own, so a timeout kills the launcher and both workers together.
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"2-process FSDP run timed out after {LAUNCH_TIMEOUT_S}s:\n{log[-4000:]}")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, f"2-process FSDP run failed ({proc.returncode}):\n{_errors_of(log)}"
+    launch_two_processes(__file__, [out, model_path], timeout_s=LAUNCH_TIMEOUT_S, what="FSDP run")
     return out, model_path
 
 

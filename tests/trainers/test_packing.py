@@ -8,10 +8,6 @@ the end launches two processes under FSDP2 on CPU (gloo) with this file as the w
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,7 +35,8 @@ from trainers.packing import (
 )
 from trainers.tiny import tiny_qwen3_config
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.trainers.launch import launch_two_processes
+
 VOCAB = 512
 LAUNCH_TIMEOUT_S = 300
 
@@ -499,35 +496,9 @@ def _worker_main(out: Path) -> None:
     exit_launched_process(0)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_packed_gradients_equal_plain_under_two_process_fsdp2(tmp_path):
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        __file__, "--worker", str(tmp_path),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"2-process FSDP run timed out after {LAUNCH_TIMEOUT_S}s:\n{log[-4000:]}")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, f"2-process FSDP run failed ({proc.returncode}):\n{log[-6000:]}"
+    launch_two_processes(__file__, [tmp_path], timeout_s=LAUNCH_TIMEOUT_S, what="FSDP run")
     run = json.loads((tmp_path / "run.json").read_text())
     grads = torch.load(tmp_path / "grads.pt", weights_only=True)
     assert run["sharded"] and run["world"] == 2  # sharded, and the layers checkpointed
