@@ -266,7 +266,7 @@ def run_shared_prompt_section(repeats: int, threads: int, cases: list[tuple[int,
             f"{SPEEDUP_GOAL:.0f}x: {verdict}), with {memory:.1f}x less peak memory; gradients equal to {rel:.1e} "
             f"relative (largest at `{where}`)."
         )
-    lines += ["", f"Goal of issue 10 (>= {SPEEDUP_GOAL:.0f}x at G = {G}, equal gradients):", "", *goals, ""]
+    lines += ["", f"Goal (>= {SPEEDUP_GOAL:.0f}x at G = {G}, equal gradients):", "", *goals, ""]
     lines.append(
         "Grad max rel. diff = max over parameters of max|g - g_plain| / max|g_plain|, gradients of the last round. "
         "The layouts add the same terms in different orders (the prompt's gradient arrives summed over the G "

@@ -1,5 +1,5 @@
 """Concurrent writers and readers on one owner: applies per second, reads per second, and a check
-that nothing was lost, duplicated or resurrected (issue 11).
+that nothing was lost, duplicated or resurrected.
 
     python -m benchmarks.bench_store_concurrency [--seconds 5] [--out benchmarks/results/store_concurrency.md]
 
@@ -192,7 +192,7 @@ def main() -> None:
         rows.append(f"| {name} | {w} x {r} | {res['commits'] / args.seconds:,.0f} | {res['reads'] / args.seconds:,.0f} "
                     f"| {res['entries']:,} | {res['lost']} | {res['duplicated']} | {res['equal_to_serial_replay']} |")
     text = "\n".join([
-        "# Concurrent store benchmark (issue 11)",
+        "# Concurrent store benchmark",
         "",
         f"Command: `python -m benchmarks.bench_store_concurrency --seconds {args.seconds:g}`",
         "",
