@@ -273,6 +273,13 @@ NOTES = """\
   loads, so a push through vLLM's public reload path pays for that repack as well as the copy;
   compare the colocated push with copy + repack. The server push adds an HTTP announce and a gloo
   broadcast of the buckets to the server's process.
+- **Threads.** vLLM binds its OpenMP threads to cores when it starts; in a process started
+  without torch's libgomp in `LD_PRELOAD`, only one core then works. The benchmark therefore
+  re-executes itself with `LD_PRELOAD` set (`rollout.vllm_engine.cpu_preload()`), and the server
+  it starts inherits it, so all engines run alike. A trainer that colocates vLLM on CPU needs the
+  same (`VLLMEngine` logs a warning when it is missing). Without it, in an earlier run on this
+  machine (same workload, temperature 1.0, one round), the colocated engine made 27.8 tokens/s,
+  the server 93.1 and transformers 15.9.
 - **Spread.** The machine is shared with other jobs; the min-max range over rounds shows how much
   a single run moves. Paired ratios (both engines timed in the same round) move less than the
   throughputs themselves.
@@ -380,9 +387,10 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("generated tokens/s (median, min-max)")
         ax.set_title(r["model"])
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
     fig.suptitle("Rollout throughput per engine on CPU")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -402,6 +410,14 @@ def main() -> None:
     p.add_argument("--kv-gib", default=None, help="VLLM_CPU_KVCACHE_SPACE (default: the engine's own choice)")
     p.add_argument("--out", default="benchmarks/results/rollout.md")
     args = p.parse_args()
+    if "libgomp" not in os.environ.get("LD_PRELOAD", ""):
+        # The colocated vLLM engine needs its process started with torch's libgomp preloaded, or
+        # its thread binding leaves one core working (rollout.vllm_engine); the server's process
+        # inherits the same setting, so every engine runs alike.
+        from rollout.vllm_engine import cpu_preload
+
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_rollout", *sys.argv[1:]],
+                  {**os.environ, "LD_PRELOAD": cpu_preload()})
     if args.kv_gib is not None:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = args.kv_gib
     command = ("python -m benchmarks.bench_rollout " + " ".join(sys.argv[1:])).strip()

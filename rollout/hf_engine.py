@@ -10,8 +10,9 @@ Sampling: every sequence (prompt i, sample j) draws its tokens from a generator 
 with the prompt's derived seed + j (`rollout.types.prompt_seeds`, the seeds vLLM uses), so a seeded
 prompt's samples do not depend on the other prompts of the call, their order or the micro-batch
 (up to the float rounding of batched matrix products). transformers' `generate` runs greedy; a
-`LogitsProcessor` applies temperature and transformers' `TopPLogitsWarper`, samples each row with
-its generator and leaves only the sampled token for the argmax. Unseeded prompts get a fresh base
+`LogitsProcessor` applies temperature and transformers' `TopPLogitsWarper`, samples each row by
+inverse CDF with one uniform draw from its generator per step, and leaves only the sampled token
+for the argmax. Unseeded prompts get a fresh base
 seed from torch's global generator on every call (so `torch.manual_seed` makes them repeatable).
 
 The engine owns its model: its `generation_config` is replaced with a neutral one at construction
@@ -91,7 +92,8 @@ class _RowSampler(LogitsProcessor):
 
     Placed after `_SampledLogprobs`, which has already read the raw logits. The distribution is
     transformers' own: logits / temperature, then `TopPLogitsWarper` (which keeps at least one
-    token), then a softmax."""
+    token), then a softmax; the token is the first whose cumulative probability exceeds
+    u * total, u ~ U[0, 1) drawn from the row's generator."""
 
     def __init__(self, generators: list[torch.Generator], params: SamplingParams) -> None:
         self.generators = generators
@@ -103,7 +105,13 @@ class _RowSampler(LogitsProcessor):
         if self.top_p is not None:
             logits = self.top_p(input_ids, logits)
         probs = torch.softmax(logits, dim=-1)
-        tokens = torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(self.generators)])
+        # Inverse-CDF sampling, batched: one uniform per row from the row's generator, then the
+        # first token whose cumulative probability exceeds it (zero-probability tokens, cut by
+        # top-p, have empty intervals and are never picked).
+        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in self.generators])
+        cdf = probs.cumsum(dim=-1)
+        tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        tokens.clamp_(max=scores.shape[-1] - 1)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, tokens[:, None], 0.0)
         return out

@@ -50,6 +50,9 @@ engine call starts; an engine call whose requests have all been abandoned is can
 step. An engine call that also serves other clients runs to its end (the abandoned rows are part
 of the merged batch).
 
+On CPU, `--backend vllm` restarts the command once with torch's libgomp in LD_PRELOAD (see
+`rollout.vllm_engine`, "Threads on CPU": without it vLLM works on one core).
+
 Shutdown (SIGTERM or SIGINT): the server stops accepting connections, answers queued requests
 with 503, lets the engine call in progress finish for up to --shutdown-grace-s (then cancels it:
 its requests get 503 too), closes the engine and exits with status 0.
@@ -664,6 +667,25 @@ def build_engine(args: argparse.Namespace) -> Any:
     )
 
 
+def _reexec_with_cpu_preload() -> None:
+    """On CPU, restart this command with torch's libgomp preloaded, without which vLLM's thread
+    binding leaves one core working (rollout.vllm_engine, "Threads on CPU"); the same process id,
+    arguments and pipes. A no-op on GPU machines or when LD_PRELOAD already has an OpenMP runtime."""
+    if any(n in os.environ.get("LD_PRELOAD", "") for n in ("libgomp", "libiomp")):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from rollout.vllm_engine import cpu_preload
+
+    preload = cpu_preload()
+    if "libgomp" in preload:
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "rollout.server", *sys.argv[1:]],
+                  {**os.environ, "LD_PRELOAD": preload})
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="OpenAI-compatible rollout server with torch.distributed weight updates")
     p.add_argument("--model", required=True,
@@ -687,6 +709,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shutdown-grace-s", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, how long the engine call in progress may still run")
     args = p.parse_args(argv)
+    if argv is None and args.backend == "vllm":
+        _reexec_with_cpu_preload()
     stop = threading.Event()
     # Installed before the engine starts so a signal during start-up also ends the process cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):

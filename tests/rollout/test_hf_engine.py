@@ -169,7 +169,9 @@ def test_sleep_refuses_generation_until_wake_up(engine):
 @torch.no_grad()
 def _sample_reference(model, prompt_ids, seed: int, params: SamplingParams) -> list[int]:
     """Sampling without the engine: a full forward pass per step, logits / T, transformers'
-    TopPLogitsWarper, softmax, one multinomial draw from a generator seeded with `seed`."""
+    TopPLogitsWarper, softmax; then the first token whose cumulative probability exceeds u times
+    the total, u one uniform draw per step from a generator seeded with `seed` (the documented
+    draw), found by a plain loop."""
     from transformers import TopPLogitsWarper
 
     g = torch.Generator().manual_seed(seed)
@@ -178,7 +180,15 @@ def _sample_reference(model, prompt_ids, seed: int, params: SamplingParams) -> l
         logits = model(torch.tensor([ids])).logits.float()[:, -1] / params.temperature
         if params.top_p < 1:
             logits = TopPLogitsWarper(params.top_p)(torch.tensor([ids]), logits)
-        tok = int(torch.multinomial(torch.softmax(logits, dim=-1)[0], 1, generator=g))
+        probs = torch.softmax(logits, dim=-1)[0]
+        x = float(torch.rand(1, generator=g)) * float(probs.sum())
+        cum, tok = 0.0, None
+        for j, pj in enumerate(probs.double().tolist()):
+            cum += pj
+            if cum > x and pj > 0:
+                tok = j
+                break
+        tok = len(probs) - 1 if tok is None else tok
         out.append(tok)
         ids.append(tok)
     return out
