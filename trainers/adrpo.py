@@ -129,6 +129,10 @@ class ADRPOTrainer:
         acc = self.accelerator = make_accelerator(
             cfg.distributed, activation_checkpointing=cfg.train.gradient_checkpointing
         )
+        if acc.num_processes > 1 and not acc.is_fsdp2:
+            # The packed forward reads the decoder of the module it is given; a DDP wrapper has
+            # none, and FSDP2 is the design's distributed mode anyway.
+            raise ConfigError("several processes need distributed.fsdp=true (ADRPO does not run under DDP)")
         set_seed(cfg.train.seed)
         self.output_dir = Path(cfg.checkpoint.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"

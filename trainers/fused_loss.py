@@ -2,7 +2,8 @@
 
 Same loss as `trainers.losses.policy_loss` (same per-token terms, same aggregation), but it starts
 from the final hidden states and the LM-head weight, and the `[N, V]` logits never exist: tokens
-are processed `chunk_size` at a time with float32 logits `[chunk_size, V]`.
+are processed `chunk_size` at a time with float32 logits `[chunk_size, V]` (the softmax math is
+float32 whatever the input dtype).
 
 Why one pass is enough: under every aggregation the loss is `sum_t scale_t * loss_t(logp_t)` with
 `scale_t` fixed by the mask and sequence membership alone (`losses.aggregation_scales`). So the
@@ -13,7 +14,21 @@ gradients too (three matmuls per chunk, as many as the naive forward+backward) a
 only scales them by the incoming gradient. The price is that `grad_W` (`[V, H]`, in the weight's
 dtype) and `grad_hidden` (`[N, H]`) are held from forward to backward.
 
-Inputs in bf16/fp16 are computed in float32 inside (the weight is upcast once per call).
+Precision. A float32 head is the reference path: every matmul and all softmax math in float32.
+A bf16/fp16 head runs the three matmuls per chunk in that dtype (PyTorch's bf16 matmuls on CPU and
+CUDA accumulate in float32 inside; only their outputs are rounded), upcasts each chunk's `[C, V]`
+logits to float32 for the max / exp / log-sum-exp / loss math, rounds the chunk's `dlogits` to the
+matmul dtype for the two gradient matmuls, and accumulates the weight's gradient in ONE buffer of
+the weight's dtype, rounded once per chunk (no float32 copy of the weight, no float32 gradient
+plus a low-precision copy). The logits then carry one bf16 rounding, as a bf16 model's own
+`lm_head` followed by `.float()` and log-softmax does; tests/trainers/test_fused_loss.py states
+the resulting tolerances against the float32 reference.
+
+Masked tokens (padding in the padded layout) are dropped before the head: no matmul sees them,
+so whatever they hold, even NaN, cannot reach the loss or the gradients.
+
+`fused_token_nll` is the same machinery for supervised fine-tuning: the summed negative
+log-likelihood of the given tokens (`trainers.sft` uses it on the target positions only).
 
 Use in a trainer (also under FSDP2, with tied embeddings):
 
@@ -36,12 +51,12 @@ loss adds to the one from the embedding lookup through autograd as usual.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from trainers.logprobs import DEFAULT_CHUNK_SIZE, check_head_inputs, chunk_logits, chunk_stats
+from trainers.logprobs import DEFAULT_CHUNK_SIZE, check_head_inputs, chunk_stats
 from trainers.losses import PolicyLossConfig, aggregation_scales, per_token_terms, summarize
 
 
@@ -65,19 +80,45 @@ class _Outputs(NamedTuple):
     logp: Tensor  # [N] float32
     entropy: Tensor  # [N] float32, or [0] without entropy
     grad_h: Tensor | None  # [N, H], hidden's dtype
-    grad_w: Tensor | None  # [V, H] float32
-    grad_b: Tensor | None  # [V] float32
+    grad_w: Tensor | None  # [V, H], the weight's dtype (the only weight-sized buffer)
+    grad_b: Tensor | None  # [V] float32 (small: accumulated in float32, cast once at the end)
+
+
+# The per-chunk loss: (logp [C] float32, start, stop, need_grad) -> (loss_c 0-dim, coef [C] or None),
+# coef = d loss_c / d logp. None (or all zeros) means the chunk contributes no gradient.
+ChunkLoss = Callable[[Tensor, int, int, bool], tuple[Tensor, Tensor | None]]
+
+
+def _matmul_dtype(weight: Tensor) -> torch.dtype:
+    """bf16/fp16 heads multiply in their own dtype; anything else in float32 (the reference)."""
+    return weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _chunk_logits32(h_c: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    """Tempered float32 logits `[C, V]` of one chunk; the matmul runs in `h_c`'s dtype.
+
+    In bf16 the matmul's output is rounded to bf16 once and then upcast (a transient `[C, V]` bf16
+    buffer next to the float32 one); the bias is added in float32.
+    """
+    if h_c.dtype == torch.float32:
+        logits = torch.addmm(bias.float(), h_c, weight.t()) if bias is not None else h_c @ weight.t()
+    else:
+        logits = (h_c @ weight.t()).float()
+        if bias is not None:
+            logits.add_(bias.float())
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits
 
 
 def _process_chunk(
     start: int,
     stop: int,
     hidden: Tensor,  # [N, H]
-    w32: Tensor,  # [V, H] float32
-    b32: Tensor | None,  # [V] float32
+    weight: Tensor,  # [V, H], float32 or the matmul dtype
+    bias: Tensor | None,  # [V]
     token_ids: Tensor,  # [N] long
-    data: _TokenData,
-    config: PolicyLossConfig,
+    chunk_loss: ChunkLoss,
     temperature: float,
     out: _Outputs,
 ) -> Tensor:  # the chunk's share of the loss (0-dim)
@@ -86,35 +127,54 @@ def _process_chunk(
     Kept as a function so the chunk's logits buffer is freed on return, before the next chunk
     allocates its own (a loop variable would keep two alive at the peak).
     """
-    h_c = hidden[start:stop].float()
+    mm_dtype = _matmul_dtype(weight)
+    h_c = hidden[start:stop].to(mm_dtype)
     ids_c = token_ids[start:stop]
-    d = data.rows(start, stop)
-    stats = chunk_stats(chunk_logits(h_c, w32, b32, temperature), ids_c, out.entropy.numel() > 0)
+    stats = chunk_stats(_chunk_logits32(h_c, weight, bias, temperature), ids_c, out.entropy.numel() > 0)
     out.logp[start:stop] = stats.logp
     if stats.entropy is not None:
         out.entropy[start:stop] = stats.entropy
     need_grad = out.grad_h is not None or out.grad_w is not None or out.grad_b is not None
-    with torch.enable_grad():
-        lp = stats.logp.detach().requires_grad_(need_grad)
-        terms = per_token_terms(lp, d.old_logp, d.advantages, d.weights, d.mask, config, d.ref_logp)
-        loss_c = (terms.loss * d.scales).sum()
-        coef = torch.autograd.grad(loss_c, lp)[0] if need_grad else None
+    loss_c, coef = chunk_loss(stats.logp, start, stop, need_grad)
     if coef is None or not bool(coef.any()):
-        return loss_c.detach()  # masked or zero-advantage chunk: its gradient is exactly zero
+        return loss_c  # masked or zero-advantage chunk: its gradient is exactly zero
     coef = coef / temperature
     # exp_shifted becomes dlogits in place: -coef * softmax, plus coef at the chosen token.
     dlogits = stats.exp_shifted.div_(stats.sum_exp).mul_(-coef[:, None])
     dlogits.scatter_add_(1, ids_c[:, None], coef[:, None])
-    if out.grad_h is not None:
-        out.grad_h[start:stop] = (dlogits @ w32).to(out.grad_h.dtype)
-    if out.grad_w is not None:
-        out.grad_w.addmm_(dlogits.t(), h_c)
     if out.grad_b is not None:
         out.grad_b.add_(dlogits.sum(dim=0))
-    return loss_c.detach()
+    # bf16/fp16: the two gradient matmuls take dlogits rounded to the matmul dtype (no-op in fp32).
+    dl = dlogits.to(mm_dtype)
+    del dlogits, stats
+    if out.grad_h is not None:
+        out.grad_h[start:stop] = (dl @ weight).to(out.grad_h.dtype)
+    if out.grad_w is not None:
+        out.grad_w.addmm_(dl.t(), h_c)
+    return loss_c
 
 
-class _FusedPolicyLoss(torch.autograd.Function):
+def _policy_chunk_loss(data: _TokenData, config: PolicyLossConfig) -> ChunkLoss:
+    """The ADRPO per-chunk loss and its derivative in logp (autograd on the [C] terms only)."""
+
+    def chunk_loss(logp: Tensor, start: int, stop: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        d = data.rows(start, stop)
+        with torch.enable_grad():
+            lp = logp.detach().requires_grad_(need_grad)
+            terms = per_token_terms(lp, d.old_logp, d.advantages, d.weights, d.mask, config, d.ref_logp)
+            loss_c = (terms.loss * d.scales).sum()
+            coef = torch.autograd.grad(loss_c, lp)[0] if need_grad else None
+        return loss_c.detach(), coef
+
+    return chunk_loss
+
+
+def _nll_chunk_loss(logp: Tensor, start: int, stop: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Summed negative log-likelihood: loss_c = -sum(logp), so d loss_c / d logp = -1."""
+    return -logp.sum(), (torch.full_like(logp, -1.0) if need_grad else None)
+
+
+class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx,
@@ -122,8 +182,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
         head_weight: Tensor,  # [V, H]
         head_bias: Tensor | None,  # [V]
         token_ids: Tensor,  # [N] long
-        data: _TokenData,
-        config: PolicyLossConfig,
+        chunk_loss: ChunkLoss,
         temperature: float,
         chunk_size: int,
         with_entropy: bool,
@@ -133,23 +192,27 @@ class _FusedPolicyLoss(torch.autograd.Function):
         vocab = head_weight.shape[0]
         device = hidden.device
         f32 = dict(dtype=torch.float32, device=device)
+        # A float32 head is used as it is; a bf16/fp16 head too (its matmuls run in its dtype).
+        # Only an unusual dtype (e.g. float64) is converted, to the float32 reference path.
+        weight = head_weight if head_weight.dtype == _matmul_dtype(head_weight) else head_weight.float()
         out = _Outputs(
             logp=torch.empty(n, **f32),
             entropy=torch.empty(n if with_entropy else 0, **f32),
             grad_h=torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None,
-            grad_w=torch.zeros(vocab, dim, **f32) if ctx.needs_input_grad[1] else None,
+            grad_w=torch.zeros(vocab, dim, dtype=weight.dtype, device=device) if ctx.needs_input_grad[1] else None,
             grad_b=torch.zeros(vocab, **f32) if need_b else None,
         )
-        w32 = head_weight.float()
-        b32 = head_bias.float() if head_bias is not None else None
         loss = torch.zeros((), **f32)
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            loss += _process_chunk(start, stop, hidden, w32, b32, token_ids, data, config, temperature, out)
+            loss += _process_chunk(start, stop, hidden, weight, head_bias, token_ids, chunk_loss, temperature, out)
 
+        grad_w = out.grad_w
+        if grad_w is not None and grad_w.dtype != head_weight.dtype:
+            grad_w = grad_w.to(head_weight.dtype)  # the float64 case only
         ctx.save_for_backward(
             out.grad_h,
-            out.grad_w.to(head_weight.dtype) if out.grad_w is not None else None,
+            grad_w,
             out.grad_b.to(head_bias.dtype) if out.grad_b is not None else None,
         )
         ctx.mark_non_differentiable(out.logp, out.entropy)
@@ -160,9 +223,39 @@ class _FusedPolicyLoss(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         if bool(grad_loss == 1.0):
             # The usual `loss.backward()`: hand the gradients over as they are, saving a [V, H] copy.
-            return grad_h, grad_w, grad_b, *([None] * 6)
+            return grad_h, grad_w, grad_b, *([None] * 5)
         scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
-        return (*scaled, *([None] * 6))
+        return (*scaled, *([None] * 5))
+
+
+def _apply_head_loss(hidden, head_weight, head_bias, token_ids, chunk_loss, temperature, chunk_size, with_entropy):
+    if not torch.is_grad_enabled():
+        # Under no_grad the Function would still see requires_grad inputs and build gradients.
+        hidden, head_weight = hidden.detach(), head_weight.detach()
+        head_bias = head_bias.detach() if head_bias is not None else None
+    return _FusedHeadLoss.apply(
+        hidden, head_weight, head_bias, token_ids.long(), chunk_loss, float(temperature), int(chunk_size), with_entropy
+    )
+
+
+def fused_token_nll(
+    hidden: Tensor,  # [N, H] hidden states predicting each token
+    head_weight: Tensor,  # [V, H] LM-head weight (the embedding matrix if tied)
+    token_ids: Tensor,  # [N] target tokens
+    *,
+    head_bias: Tensor | None = None,  # [V]
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:  # 0-dim float32
+    """Summed NLL `-sum_t log_softmax(hidden_t @ W.T + b)[token_t]` without the `[N, V]` logits.
+
+    Differentiable in `hidden`, `head_weight` and `head_bias`. Pass only the rows that carry loss:
+    every row given reaches the matmuls.
+    """
+    check_head_inputs(hidden, head_weight, token_ids, head_bias, 1.0)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    loss, _, _ = _apply_head_loss(hidden, head_weight, head_bias, token_ids, _nll_chunk_loss, 1.0, chunk_size, False)
+    return loss
 
 
 def fused_policy_loss(
@@ -204,27 +297,32 @@ def fused_policy_loss(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     scales = aggregation_scales(mask, seq_index, num_seqs, config)
-    if not torch.is_grad_enabled():
-        # Under no_grad the Function would still see requires_grad inputs and build gradients.
-        hidden, head_weight = hidden.detach(), head_weight.detach()
-        head_bias = head_bias.detach() if head_bias is not None else None
-    loss, logp, entropy = _FusedPolicyLoss.apply(
-        hidden,
-        head_weight,
-        head_bias,
-        token_ids.long(),
-        _TokenData(
-            old_logp.detach(),
-            ref_logp.detach() if ref_logp is not None else None,
-            advantages.detach(),
-            weights.detach(),
-            mask,
-            scales,
-        ),
-        config,
-        float(temperature),
-        int(chunk_size),
-        with_entropy,
+    # Masked rows (padding, in the padded layout) never reach the head: a matmul would multiply
+    # whatever they hold into the head's gradient even at coefficient 0 (0 * NaN is NaN).
+    keep = None if bool(mask.all()) else mask.nonzero().squeeze(1)
+
+    def rows(t: Tensor | None) -> Tensor | None:
+        return t if keep is None or t is None else t[keep]
+
+    data = _TokenData(
+        rows(old_logp.detach()),
+        rows(ref_logp.detach() if ref_logp is not None else None),
+        rows(advantages.detach()),
+        rows(weights.detach()),
+        rows(mask),
+        rows(scales),
     )
+    loss, logp, entropy = _apply_head_loss(
+        rows(hidden), head_weight, head_bias, rows(token_ids), _policy_chunk_loss(data, config), temperature,
+        chunk_size, with_entropy,
+    )  # fmt: skip
+    if keep is not None:
+        # Masked tokens count in no metric; they get ratio 1 (logp = old_logp) and entropy 0.
+        full_logp = old_logp.detach().float().clone()
+        full_logp[keep] = logp
+        full_entropy = torch.zeros(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
+        if with_entropy:
+            full_entropy[keep] = entropy
+        logp, entropy = full_logp, full_entropy
     terms = per_token_terms(logp, old_logp, advantages, weights, mask, config, ref_logp)
     return loss, summarize(terms, mask, entropy if with_entropy else None)

@@ -8,6 +8,11 @@ step), so the gradient is the same whatever the split into processes and accumul
 a per-micro-batch mean would weight short examples more whenever batches hold different numbers
 of target tokens.
 
+The LM head runs only on the positions that predict a target token (`head_target_nll_sum`), in
+chunks (`trainers.fused_loss.fused_token_nll`): prompt tokens are most of a sequence (about 97 % in
+the agent pairs), and the `[B, T, V]` logits with their float32 copy would dominate memory at a
+151,936-token vocabulary. Padding and prompt rows never reach the head's matmuls.
+
 Optimizer AdamW, learning rate linear warmup then cosine decay to `min_lr_ratio * lr`, global
 gradient-norm clipping. Batches are length-grouped (no packing, see `trainers.sft_data`).
 Full fine-tuning or LoRA (peft); FSDP2 over several processes, also on CPU (gloo).
@@ -46,6 +51,8 @@ from torch.distributed.tensor import DTensor
 from trainers.checkpoint import TrainState, load_checkpoint, load_policy, save_checkpoint
 from trainers.config import ConfigError, SFTConfig, format_config, load_config, save_config
 from trainers.distributed import all_reduce_sum, exit_launched_process, make_accelerator, shutdown
+from trainers.fused_loss import fused_token_nll
+from trainers.logprobs import DEFAULT_CHUNK_SIZE, lm_head_params
 from trainers.metrics import MetricsLogger, progress_bar
 from trainers.optim import build_optimizer, build_scheduler
 from trainers.recipe import base_model_path, resume_checkpoint
@@ -64,6 +71,9 @@ from trainers.sft_data import (
 def target_nll_sum(logits: Tensor, labels: Tensor) -> Tensor:
     """Summed next-token NLL over positions whose label is not IGNORE_INDEX (a 0-dim fp32 tensor).
 
+    The full-logits formula: the reference that `head_target_nll_sum` (what training uses) is
+    tested against.
+
     logits: [B, T, V] model outputs; labels: [B, T] token ids (IGNORE_INDEX on prompt/padding).
     The prediction at position t is scored against the label at t + 1.
     """
@@ -74,6 +84,66 @@ def target_nll_sum(logits: Tensor, labels: Tensor) -> Tensor:
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def target_hidden_states(
+    model: torch.nn.Module,
+    input_ids: Tensor,  # [B, T]
+    attention_mask: Tensor,  # [B, T]
+    labels: Tensor,  # [B, T], IGNORE_INDEX on prompt/padding
+    *,
+    forward: torch.nn.Module | None = None,
+) -> tuple[Tensor, Tensor]:  # hidden [N, H] predicting each target token, target ids [N]
+    """The final hidden states at the N positions that predict a target token, and those tokens.
+
+    Runs the model's own forward with the head on no position (`logits_to_keep` empty), so no
+    logits exist, and keeps the decoder body's output with a forward hook. `forward` is the module
+    to call when it wraps `model` (DDP, whose forward must run for its gradient hooks); by default
+    `model` itself (also an FSDP2 model). Position ids follow the attention mask. Only the target
+    rows are returned: whatever the other rows hold (padding may even be NaN) never reaches the head.
+    """
+    captured: list[Tensor] = []
+
+    def keep_last_hidden(module: torch.nn.Module, args: tuple, output) -> None:
+        captured.append(output[0])  # last_hidden_state of the decoder's ModelOutput
+
+    handle = model.get_decoder().register_forward_hook(keep_last_hidden)
+    try:
+        (forward if forward is not None else model)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0),
+            use_cache=False,
+            logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
+        )
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected one decoder forward, captured {len(captured)}")
+    # The prediction at position t is scored against the label at t + 1.
+    targets = labels[:, 1:] != IGNORE_INDEX
+    return captured[0][:, :-1][targets], labels[:, 1:][targets]
+
+
+def head_target_nll_sum(
+    model: torch.nn.Module,
+    input_ids: Tensor,  # [B, T]
+    attention_mask: Tensor,  # [B, T]
+    labels: Tensor,  # [B, T], IGNORE_INDEX on prompt/padding
+    *,
+    forward: torch.nn.Module | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:  # 0-dim float32
+    """`target_nll_sum(model(...).logits, labels)` with the LM head applied at target positions only.
+
+    The head runs on the target rows, `chunk_size` at a time (`fused_token_nll`), so the logits
+    memory is `[chunk_size, V]` whatever the sequence length, instead of `[B, T, V]` plus a
+    float32 copy. Under FSDP2 `lm_head_params` unshards the head if needed. `forward`: see
+    `target_hidden_states`.
+    """
+    hidden, target_ids = target_hidden_states(model, input_ids, attention_mask, labels, forward=forward)
+    weight, bias = lm_head_params(model)
+    return fused_token_nll(hidden, weight, target_ids, head_bias=bias, chunk_size=chunk_size)
 
 
 @dataclass
@@ -166,8 +236,13 @@ class SFTTrainer:
             last = a == len(batches) - 1
             # Gradients are reduced across processes only on the last micro-batch.
             with nullcontext() if last else acc.no_sync(self.model):
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                nll = target_nll_sum(logits, batch["labels"])
+                nll = head_target_nll_sum(
+                    self.unwrapped_model,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["labels"],
+                    forward=self.model,
+                )
                 # DDP/FSDP average gradients over processes; multiplying by their number turns
                 # the average into the sum that the global token mean needs.
                 acc.backward(nll * (acc.num_processes / n_targets))

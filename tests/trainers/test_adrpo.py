@@ -77,7 +77,9 @@ def test_old_logprobs_at_the_sampling_temperature_give_ratio_one_on_the_first_up
         at_1 = torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0]
         # The engine reports temperature-1 log-probs: they match the raw softmax, not logits / T.
         torch.testing.assert_close(torch.tensor(s.completion.logprobs), at_1, atol=1e-4, rtol=0)
-        assert (at_t - at_1).abs().max() > 0.05  # the two temperatures really differ here
+        # The two temperatures differ here by far more than the 1e-4 tolerance used below, so the
+        # comparisons can tell them apart (how much depends on the tokens drawn).
+        assert (at_t - at_1).abs().max() > 1e-2
         # The trainer's old log-probs of that sample (the first trainable one: first tokens of
         # micro-batch 0) are the tempered ones.
         torch.testing.assert_close(batch.micro[0].old_logp[: len(ids)], at_t, atol=1e-4, rtol=0)
