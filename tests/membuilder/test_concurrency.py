@@ -267,7 +267,7 @@ def test_threads_on_two_sqlite_handles_equal_a_serial_replay(plan):
 
 
 _PROCESS_SCRIPT = textwrap.dedent("""
-    import json, random, sys
+    import json, random, sys, time
     from membuilder.bank import MemoryBank
     from membuilder.operations import Add, Merge, Update
     from membuilder.store import SQLiteStore
@@ -278,7 +278,16 @@ _PROCESS_SCRIPT = textwrap.dedent("""
     print("ready", flush=True)  # start together: the parent says go once both are ready
     sys.stdin.readline()
     out = {}
+    other = {"p": "q", "q": "p"}[tag]
     for i in range(n):
+        if i == n // 2:
+            # Halfway, wait for the other process's first commit (bounded), so the two always
+            # interleave, however the OS schedules them: p.. q.. p.. at least.
+            reader, deadline = SQLiteStore(path, busy_timeout=60), time.monotonic() + 120
+            while time.monotonic() < deadline and not any(
+                    h.session_id.startswith(other + "-") for h in reader.history("u")):
+                time.sleep(0.01)
+            reader.close()
         k = rng.randrange(1, 3 * n)
         ops = rng.choice([
             [Add(MemoryKind.SEMANTIC, f"{tag} fact {i}")],
