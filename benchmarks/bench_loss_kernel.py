@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.report import replace_section
+
 H = 576
 SEQ_LEN = 512
 CASES = [(4096, 49_152), (4096, 151_936), (16_384, 49_152), (16_384, 151_936)]
@@ -441,18 +443,6 @@ def _parse_main_table(md: str) -> list[dict]:
     return rows
 
 
-def _replace_section(md: str, heading: str, section: list[str]) -> str:
-    """`md` with the section under `heading` replaced by `section` (appended when absent)."""
-    lines = md.rstrip("\n").split("\n")
-    if heading in lines:
-        start = lines.index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section
-    else:
-        lines += [""] + section
-    return "\n".join(lines).rstrip("\n") + "\n"
-
-
 def plot(cases: list[dict], dtype_rows: list[dict], path: Path) -> Path:
     """Peak memory against V: per method and N in fp32 (left), per method and dtype (right)."""
     import matplotlib
@@ -534,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
                       disable=args.no_progress) as bar:
                 dtype_rows = _dtype_rows(dtype_methods, bar)
             _save_raw(out, cases, dtype_rows)
-            out.write_text(_replace_section(out.read_text() if out.exists() else "", DTYPE_HEADING,
+            out.write_text(replace_section(out.read_text() if out.exists() else "", DTYPE_HEADING,
                                             _dtype_section(dtype_rows)))
         if not cases and not dtype_rows:
             parser.error(f"no numbers to plot in {out} or {out.with_suffix('.json')}: run the benchmark first")

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.report import replace_section
 from membuilder.bank import MemoryBank
 from membuilder.embedders import HashingEmbedder, SentenceTransformerEmbedder
 from membuilder.operations import Add
@@ -175,18 +175,6 @@ def plot_scaling(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def replace_section(md: str, heading: str, section: list[str]) -> str:
-    """`md` with the section under `heading` replaced by `section` (appended when absent)."""
-    lines = md.rstrip("\n").split("\n")
-    if heading in lines:
-        start = lines.index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section
-    else:
-        lines += [""] + section
-    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def run(args) -> str:

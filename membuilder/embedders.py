@@ -274,7 +274,7 @@ class OpenAIEmbedder:
         self.model = model
         # one configuration path with `membuilder.llm.LLMClient.embed` (its module doc has the
         # rule): a separate embeddings endpoint never receives the chat or OpenAI key
-        from .llm import LOCAL_PLACEHOLDER_KEY, LLMConfig
+        from .llm import KEYLESS_SERVER_KEY, LLMConfig
 
         endpoint = LLMConfig.from_env(embedding_base_url=base_url, embedding_api_key=api_key)
         self.base_url, key = endpoint.embedding_endpoint()
@@ -284,7 +284,7 @@ class OpenAIEmbedder:
                     "no API key for the OpenAI embeddings endpoint: pass api_key or set "
                     "MEMBUILDER_EMBED_API_KEY / OPENAI_API_KEY (or give a local base_url)"
                 )
-            key = LOCAL_PLACEHOLDER_KEY
+            key = KEYLESS_SERVER_KEY
         self._api_key = key
         self.batch_size = _check_positive_int(batch_size, "batch_size")
         self.max_chars = _check_positive_int(max_chars, "max_chars")

@@ -33,7 +33,8 @@ to the chat endpoint with the embeddings key, else the chat key; a separate embe
 gets the embeddings key only, never the chat or OpenAI key (it may be a third party's host).
 `LLMConfig.embedding_endpoint` is that rule, and `membuilder.embedders.OpenAIEmbedder` uses it
 too: one configuration path. A local server needs no key: when a base URL is set and no key is
-found, a placeholder is sent (`endpoint_api_key`).
+found, the fixed key "not-needed" is sent, because the openai SDK refuses an empty key and
+keyless servers ignore it (`endpoint_api_key`).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ ENV_MODEL = ("MEMBUILDER_LLM_MODEL",)
 ENV_EMBED_BASE_URL = ("MEMBUILDER_EMBED_BASE_URL",)
 ENV_EMBED_API_KEY = ("MEMBUILDER_EMBED_API_KEY",)
 ENV_EMBED_MODEL = ("MEMBUILDER_EMBED_MODEL",)
-LOCAL_PLACEHOLDER_KEY = "not-needed"  # servers such as `vllm serve` accept any key
+KEYLESS_SERVER_KEY = "not-needed"  # the SDK needs a non-empty key; `vllm serve` and the like ignore it
 
 TRANSIENT_STATUS = frozenset({408, 409, 429})  # plus every 5xx
 INCOMPLETE_FINISH_REASONS = frozenset({"length", "content_filter"})
@@ -190,14 +191,14 @@ class LLMConfig:
 
 
 def endpoint_api_key(base_url: str | None, api_key: str | None) -> str:
-    """The key to send: `api_key`; a placeholder for a keyless local server; else `LLMConfigError`."""
+    """The key to send: `api_key`; "not-needed" for a keyless server at `base_url`; else `LLMConfigError`."""
     if api_key:
         return api_key
     if base_url is None:
         raise LLMConfigError(
             "no API key and no base URL: set MEMBUILDER_LLM_API_KEY / OPENAI_API_KEY, or point "
             "MEMBUILDER_LLM_BASE_URL at a local OpenAI-compatible server")
-    return LOCAL_PLACEHOLDER_KEY
+    return KEYLESS_SERVER_KEY
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import bench_loss_kernel, bench_store
 from benchmarks.plot_accuracy import PlotError, accuracy_table, main as plot_main
+from benchmarks.report import replace_section
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -92,13 +93,13 @@ def test_loss_kernel_dtype_section_replaces_its_own_only():
     section = bench_loss_kernel._dtype_section(dtype_rows)
     assert section[0] == bench_loss_kernel.DTYPE_HEADING
     assert "| 16,384 | 200 | 110 |" in section and "| 49,152 | - | - |" in section
-    once = bench_loss_kernel._replace_section(REPORT, bench_loss_kernel.DTYPE_HEADING, section)
+    once = replace_section(REPORT, bench_loss_kernel.DTYPE_HEADING, section)
     assert once.startswith(REPORT.rstrip("\n")) and once.count(bench_loss_kernel.DTYPE_HEADING) == 1
     # a second sweep replaces the section in place; a section in the middle keeps what follows
-    again = bench_loss_kernel._replace_section(once, bench_loss_kernel.DTYPE_HEADING, ["## Peak memory against "
+    again = replace_section(once, bench_loss_kernel.DTYPE_HEADING, ["## Peak memory against "
                                                "vocabulary size and dtype", "", "new", ""])
     assert again.count("new") == 1 and "| 16,384 | 200" not in again
-    middle = bench_loss_kernel._replace_section(REPORT, "## Peak memory and time, side by side", ["## Peak memory "
+    middle = replace_section(REPORT, "## Peak memory and time, side by side", ["## Peak memory "
                                                 "and time, side by side", "", "x", ""])
     assert "| 4,096 | 49,152 | naive" not in middle and "## Chunk size (fused)" in middle
 

@@ -427,7 +427,7 @@ def test_missing_model_or_endpoint_fails_before_any_request(server):
     with pytest.raises(LLMConfigError, match="no API key and no base URL"):
         nowhere.chat(USER)
     assert server.requests == []
-    # a local server needs no key: a placeholder is sent
+    # a local server needs no key: the fixed keyless-server key is sent
     client = LLMClient(LLMConfig.from_env({}, base_url=f"{server.url}/v1", model="m"))
     client.chat(USER)
     assert server.requests[0]["auth"] == "Bearer not-needed"
@@ -685,7 +685,7 @@ def test_one_configuration_path_and_no_key_leak(monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     cfg = LLMConfig.from_env()
-    # a separate embeddings endpoint gets no key it was not given: the local placeholder
+    # a separate embeddings endpoint gets no key it was not given: the fixed keyless-server key
     assert cfg.embedding_endpoint() == ("http://third-party/v1", None)
     emb = OpenAIEmbedder("e")
     assert (emb.base_url, emb._api_key) == ("http://third-party/v1", endpoint_api_key("http://third-party/v1", None))
