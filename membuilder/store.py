@@ -25,7 +25,7 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -147,6 +147,24 @@ class _OwnerData:
         self.history: list[HistoryRecord] = []
 
 
+@contextmanager
+def undo_log(store: Any) -> Iterator[None]:
+    """All or nothing for a store that writes at once: each write appends its undo to
+    `store._undo`; an exception runs them newest first. A nested use joins the outer one."""
+    if store._undo is not None:
+        yield
+        return
+    store._undo = []
+    try:
+        yield
+    except BaseException:
+        for undo in reversed(store._undo):
+            undo()
+        raise
+    finally:
+        store._undo = None
+
+
 class InMemoryStore(_SnapshotMixin):
     """Dicts in process memory. Transactions keep an undo log, so commits cost nothing extra and a
     rollback undoes exactly what the failed transaction wrote. Thread-safe (one re-entrant lock,
@@ -161,19 +179,8 @@ class InMemoryStore(_SnapshotMixin):
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        with self._lock:
-            if self._undo is not None:  # nested: part of the outer transaction
-                yield
-                return
-            self._undo = []
-            try:
-                yield
-            except BaseException:
-                for undo in reversed(self._undo):
-                    undo()
-                raise
-            finally:
-                self._undo = None
+        with self._lock, undo_log(self):
+            yield
 
     @contextmanager
     def reading(self) -> Iterator[None]:

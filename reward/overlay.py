@@ -45,7 +45,7 @@ from membuilder.types import (
     Status,
     StoreError,
 )
-from membuilder.store import id_order
+from membuilder.store import id_order, undo_log
 
 _DEFAULTS = BM25Core()  # the bank's BM25 parameters (k1, b, epsilon)
 _HYBRID = HybridIndex()  # the bank's fusion parameters (rrf_k, pool)
@@ -194,18 +194,8 @@ class OverlayStore:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        if self._undo is not None:
+        with undo_log(self):
             yield
-            return
-        self._undo = []
-        try:
-            yield
-        except BaseException:
-            for undo in reversed(self._undo):
-                undo()
-            raise
-        finally:
-            self._undo = None
 
     @contextmanager
     def reading(self) -> Iterator[None]:
