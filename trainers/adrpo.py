@@ -64,13 +64,13 @@ import torch
 from accelerate.utils import set_seed
 from transformers import AutoModelForCausalLM
 
-from reward.types import RewardComputationError, RewardFn, SessionReward, SessionRewardRequest
-from rollout.session import SessionRollout, rollout_sessions
+from reward.types import RewardFn
 from rollout.types import RolloutEngine, SamplingParams
 from trainers.adrpo_config import ADRPOConfig
 from trainers.checkpoint import TrainState, load_checkpoint, load_policy, save_checkpoint
 from trainers.config import ConfigError, format_config, load_config, save_config
 from trainers.data.rl_rows import RLRow, read_rl_rows
+from trainers.episodes import Episodes, EpisodeSource, SessionEpisodes, SourceContext, configured_source
 from trainers.distributed import (
     all_reduce_sum,
     barrier,
@@ -86,12 +86,8 @@ from trainers.packing import enable_shared_prompt_attention
 from trainers.recipe import base_model_path, resume_checkpoint
 from trainers.rl_batch import (
     RLSession,
-    agent_prompts,
     assign_advantages,
     batch_counts,
-    build_requests,
-    check_rewards,
-    collect_samples,
     counts_to_metrics,
     epoch_order,
     group_sessions,
@@ -114,7 +110,9 @@ class ADRPOTrainer:
     """Sets up policy, reference, optimizer, engine and reward from an `ADRPOConfig`; `train()` runs.
 
     `reward_fn` replaces the configured reward, `rows` the configured RL set, `engine` the
-    configured rollout engine (the trainer then owns it and closes it).
+    configured rollout engine (the trainer then owns it and closes it). `episodes` replaces the
+    whole data + reward side (`trainers.episodes`): another agent set or reward scheme; the
+    default is `SessionEpisodes` over the RL set's sessions with `reward_fn`.
     """
 
     def __init__(
@@ -124,6 +122,7 @@ class ADRPOTrainer:
         reward_fn: RewardFn | None = None,
         rows: list[RLRow] | None = None,
         engine: RolloutEngine | None = None,
+        episodes: EpisodeSource | None = None,
     ):
         self.cfg = cfg
         acc = self.accelerator = make_accelerator(
@@ -141,19 +140,28 @@ class ADRPOTrainer:
             print(format_config(cfg), flush=True)
             save_config(cfg, self.output_dir / "trainer_config.json")
 
-        # Data: sessions of the RL set, the same on every process.
+        # Data: sessions of the RL set (or the given episode source), the same on every process.
         self.base_path = base_model_path(cfg.model, self.output_dir)
         self.snapshots_dir = Path(cfg.data.snapshots) if cfg.data.snapshots else None
-        rows = rows if rows is not None else self._read_rows()
-        self.sessions: list[RLSession] = group_sessions(rows, cfg.data.agents, cfg.data.split)
-        if not self.sessions:
-            raise ValueError(f"no sessions of split {cfg.data.split!r} for agents {cfg.data.agents} in the RL set")
+        self.sessions: list[RLSession] = []
+        if episodes is None:
+            episodes = configured_source(
+                SourceContext(cfg, self.output_dir, self.base_path, self.snapshots_dir, acc.is_main_process)
+            )
+        if episodes is None:
+            rows = rows if rows is not None else self._read_rows()
+            self.sessions = group_sessions(rows, cfg.data.agents, cfg.data.split)
+            if not self.sessions:
+                raise ValueError(f"no sessions of split {cfg.data.split!r} for agents {cfg.data.agents} in the RL set")
+        num_units = len(episodes) if episodes is not None else len(self.sessions)
+        if num_units == 0:
+            raise ValueError("the episode source is empty")
         if cfg.data.sessions_per_step % acc.num_processes:
             raise ConfigError(
                 f"data.sessions_per_step={cfg.data.sessions_per_step} must divide by the "
                 f"{acc.num_processes} processes (each rolls out the same number of sessions)"
             )
-        self.steps_per_epoch = math.ceil(len(self.sessions) / cfg.data.sessions_per_step)
+        self.steps_per_epoch = math.ceil(num_units / cfg.data.sessions_per_step)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
 
         # Policy (from the checkpoint when resuming) and the frozen reference (the base model).
@@ -188,11 +196,14 @@ class ADRPOTrainer:
         if engine is None and cfg.rollout.engine == "remote" and acc.is_main_process:
             connect_remote_weights(self.engine, cfg.rollout)
         push_weights(self.unwrapped_model, self.engine, is_sender=self.pushes_weights)
-        if reward_fn is None:
+        if reward_fn is None and episodes is None:
             if cfg.reward.kind == "local" and self.snapshots_dir is None:
                 raise ConfigError("the in-process reward needs the snapshots of the states before: set data.snapshots")
             reward_fn = build_reward(cfg.reward, snapshots_dir=self.snapshots_dir, tokenizer=self.tokenizer)
         self.reward_fn = reward_fn
+        self.episodes: EpisodeSource = episodes or SessionEpisodes(
+            self.sessions, reward_fn, mask_truncated=cfg.rollout.mask_truncated
+        )
         self.metrics = MetricsLogger(
             self.output_dir,
             enabled=acc.is_main_process,
@@ -253,39 +264,19 @@ class ADRPOTrainer:
 
     # -- one step --------------------------------------------------------------------------
 
-    def _rollout(self, sessions: list[RLSession]) -> SessionRollout:
+    def _sampling_params(self) -> SamplingParams:
         r = self.cfg.rollout
         acc, step = self.accelerator, self.state.step
         seed = (self.cfg.train.seed * 1_000_003 + step * 1009 + acc.process_index) % 2**31
-        params = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
+        return SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
+
+    def _collect(self, indices: list[int]) -> Episodes:
+        """The step's scored samples from the episode source; an engine or server gone stops the run."""
+        step = self.state.step + 1
         try:
-            return rollout_sessions(self.engine, agent_prompts(sessions), params)
+            return self.episodes.collect(indices, self.engine, self._sampling_params(), step=step)
         except (OSError, ConnectionError) as exc:
-            raise RuntimeError(f"step {step + 1}: the rollout engine failed ({type(exc).__name__}: {exc}); stopping") from exc
-
-    def _score(self, requests: list[SessionRewardRequest]) -> tuple[list[SessionReward | None], str | None]:
-        """Rewards of the sessions that have QA; None for the others and, on a reward failure, for all.
-
-        A `RewardComputationError` (answerer or judge down after retries) masks the batch and
-        training goes on; any other error (a reward server that is gone) stops the run.
-        """
-        scored = [i for i, r in enumerate(requests) if r.qa]
-        out: list[SessionReward | None] = [None] * len(requests)
-        if not scored:
-            return out, None
-        subset = [requests[i] for i in scored]
-        try:
-            rewards = self.reward_fn(subset)
-        except RewardComputationError as exc:
-            logger.warning(
-                "step %d: the reward failed for %d sessions (%s); their samples are masked",
-                self.state.step + 1, len(subset), exc,
-            )
-            return out, f"reward failed: {exc}"
-        check_rewards(subset, rewards)
-        for i, reward in zip(scored, rewards, strict=True):
-            out[i] = reward
-        return out, None
+            raise RuntimeError(f"step {step}: the rollout engine failed ({type(exc).__name__}: {exc}); stopping") from exc
 
     def train_step(self) -> dict[str, float]:
         """Rollout, reward, advantages, log-probs, update(s), weight push; returns the step's metrics."""
@@ -299,28 +290,24 @@ class ADRPOTrainer:
             times[f"time/{name}_s"] = now - clock
             clock = now
 
-        order = epoch_order(len(self.sessions), cfg.train.seed, state.epoch, cfg.data.shuffle)
+        order = epoch_order(len(self.episodes), cfg.train.seed, state.epoch, cfg.data.shuffle)
         indices = step_sessions(
             order, state.batch_in_epoch, cfg.data.sessions_per_step, acc.process_index, acc.num_processes
         )
-        sessions = [self.sessions[i] for i in indices]
         if self.sleeps:
             self.engine.wake_up()
-        rollout = self._rollout(sessions)
+        episodes = self._collect(indices)
         if self.sleeps:
             self.engine.sleep(1)
-        lap("rollout")
-
-        requests = build_requests(sessions, rollout)
-        rewards, failure = self._score(requests)
-        samples = collect_samples(
-            sessions, rollout, requests, rewards, failure=failure, mask_truncated=cfg.rollout.mask_truncated
-        )
+        # Rollout and reward are one phase here: a source may interleave them (sparse rewards roll
+        # a conversation out session by session); sources report their own split in `times`.
+        samples = episodes.samples
         masked = Counter(s.mask_detail for s in samples if s.mask is not None and s.mask_detail)
         if masked:
             logger.warning("step %d: masked samples by reason: %s", state.step + 1, dict(masked))
-        groups = assign_advantages(samples, cfg.rollout.group_size, cfg.loss.adv_eps)
-        lap("reward")
+        groups = assign_advantages(samples, episodes.group_size, cfg.loss.adv_eps)
+        lap("episodes")
+        times.update({f"time/{k}_s": v for k, v in episodes.times.items()})
 
         batch: PolicyBatch = prepare_policy_batch(
             self.model, self.ref_model, samples, cfg, pad_id=self.tokenizer.pad_token_id
@@ -338,7 +325,12 @@ class ADRPOTrainer:
         metrics.update(batch.metrics)
         metrics.update(update)
         generated = all_reduce_sum(torch.tensor(float(sum(s.num_tokens for s in samples)), device=acc.device))
-        metrics["rollout/tokens_per_s"] = float(generated) / max(times["time/rollout_s"], 1e-9)
+        if episodes.counts:
+            ekeys = sorted(episodes.counts)
+            esum = all_reduce_sum(torch.tensor([episodes.counts[k] for k in ekeys], dtype=torch.float64, device=acc.device))
+            metrics.update({f"episodes/{k}": v for k, v in zip(ekeys, esum.tolist(), strict=True)})
+        rollout_s = times.get("time/rollout_s", times["time/episodes_s"])
+        metrics["rollout/tokens_per_s"] = float(generated) / max(rollout_s, 1e-9)
         metrics["train/tokens_per_s"] = batch.global_tokens * cfg.loss.updates_per_batch / max(
             times["time/update_s"] + times["time/logprobs_s"], 1e-9
         )

@@ -49,6 +49,9 @@ class RLDataConfig:
     # of processes so each process rolls out the same number of sessions.
     sessions_per_step: int = 32
     shuffle: bool = True
+    # The agent set the policy plays: "membuilder" (the four memory agents) or "longshort" (fact
+    # splitter -> long-term CRUD agent + short-term state, DESIGN section 9).
+    architecture: Literal["membuilder", "longshort"] = "membuilder"
 
     def __post_init__(self):
         _check(self.sessions_per_step >= 1, f"data.sessions_per_step must be >= 1, got {self.sessions_per_step}")
@@ -119,6 +122,12 @@ class RewardConfig:
     call_timeout_s: float | None = None
     # The answer step's embedder; must be the one the data was prepared with.
     embedder: Literal["hashing", "minilm", "none"] = "hashing"
+    # True: dense rewards, every session scored with its own QA from the state before it (the
+    # method). False: the paper's sparse ablation, one task reward per whole conversation: each of
+    # the G trajectories builds its own memory session after session (on-policy prompts), and the
+    # conversation's QA is answered from its final memory; a step then takes
+    # `data.sessions_per_step` conversations.
+    dense: bool = True
 
     def __post_init__(self):
         _check(self.kind != "remote" or bool(self.url), "reward.kind=remote needs reward.url")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from trainers.adrpo_config import ADRPOConfig
-from trainers.distributed import all_reduce_sum
+from trainers.distributed import accumulation_sync, all_reduce_sum
 from trainers.fused_loss import fused_policy_loss
 from trainers.logprobs import lm_head_params, token_logprobs
 from trainers.losses import Aggregation
@@ -71,20 +70,19 @@ def _all_reduce_max(value: Tensor) -> Tensor:
 
 
 def _prompt_groups(trainable: Sequence[Sample]) -> list[PromptGroup]:
-    """Consecutive samples of one (session, agent) group -> one PromptGroup (same order)."""
+    """Consecutive samples of one group with the same prompt tokens -> one PromptGroup (same order).
+
+    The G samples of a dense (session, agent) group share their prompt and pack into one group;
+    an on-policy trajectory's samples (sparse rewards) each have their own prompt and pack alone.
+    """
     runs: list[list[Sample]] = []
     for s in trainable:
-        if runs and runs[-1][0].group == s.group:
+        last = runs[-1][0] if runs else None
+        if last is not None and last.group == s.group and last.completion.prompt_token_ids == s.completion.prompt_token_ids:
             runs[-1].append(s)
         else:
             runs.append([s])
-    groups = []
-    for run in runs:
-        prompt = run[0].completion.prompt_token_ids
-        if any(s.completion.prompt_token_ids != prompt for s in run):
-            raise ValueError(f"the samples of group {run[0].session}/{run[0].agent} have different prompt tokens")
-        groups.append(PromptGroup(list(prompt), [list(s.completion.token_ids) for s in run]))
-    return groups
+    return [PromptGroup(list(run[0].completion.prompt_token_ids), [list(s.completion.token_ids) for s in run]) for run in runs]
 
 
 def prepare_policy_batch(
@@ -202,8 +200,8 @@ def policy_update(
     for update in range(updates):
         for k, mb in enumerate(batch.micro):
             last = k == len(batch.micro) - 1
-            # Gradients are reduced across processes only on the last micro-batch.
-            with nullcontext() if last else acc.no_sync(model):
+            # DDP reduces on the last micro-batch only; FSDP2 as `distributed.grad_accum_sync` says.
+            with accumulation_sync(acc, model, cfg.distributed, last):
                 states = completion_hidden_states(model, mb.groups, layout=cfg.loss.layout)
                 weight, bias = lm_head_params(model)
                 loss, m = fused_policy_loss(

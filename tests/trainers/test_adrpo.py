@@ -58,12 +58,9 @@ def test_old_logprobs_at_the_sampling_temperature_give_ratio_one_on_the_first_up
     trainer = _trainer(base_model, tokenizer, tmp_path, "rollout.temperature=0.8", "train.max_steps=1")
     try:
         cfg, model = trainer.cfg, trainer.unwrapped_model
-        sessions = trainer.sessions[:2]
-        rollout = trainer._rollout(sessions)
-        from trainers.rl_batch import assign_advantages, build_requests, collect_samples
+        from trainers.rl_batch import assign_advantages
 
-        requests = build_requests(sessions, rollout)
-        samples = collect_samples(sessions, rollout, requests, trainer._score(requests)[0])
+        samples = trainer._collect([0, 1]).samples
         assign_advantages(samples, cfg.rollout.group_size)
         batch = prepare_policy_batch(model, trainer.ref_model, samples, cfg, pad_id=tokenizer.pad_token_id)
 
@@ -132,17 +129,14 @@ def test_engine_mismatch_is_measured_and_corrected_by_truncated_importance_sampl
     base_model, tokenizer, tmp_path, tis, factor
 ):
     from rollout.hf_engine import HFEngine
-    from trainers.rl_batch import assign_advantages, build_requests, collect_samples
+    from trainers.rl_batch import assign_advantages
 
     cfg = tiny_config(base_model, tmp_path, f"rollout.tis={tis}", "train.max_steps=1")
     trainer = ADRPOTrainer(
         cfg, reward_fn=TargetTokenReward(tokenizer, alpha=4.0), rows=tiny_rl_rows(), engine=_ShiftedLogprobs(HFEngine(base_model))
     )
     try:
-        sessions = trainer.sessions[:2]
-        rollout = trainer._rollout(sessions)
-        requests = build_requests(sessions, rollout)
-        samples = collect_samples(sessions, rollout, requests, trainer._score(requests)[0])
+        samples = trainer._collect([0, 1]).samples
         assign_advantages(samples, cfg.rollout.group_size)
         batch = prepare_policy_batch(trainer.unwrapped_model, None, samples, cfg, pad_id=0)
     finally:
