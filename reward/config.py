@@ -2,14 +2,17 @@
 
     R(g, m) = v(g, m) * T(g) * (1 - lambda * l(g, m))
 
-- `dense` (default): each session is scored with its own QA. `dense=False` is the paper's sparse
-  ablation, one reward per conversation: the requests of one owner in a call form a conversation;
-  its last request (in call order) is answered with the QA of all its requests, and that task
-  reward T(g) (and its dominant kind) is broadcast to candidate g of every session of the
-  conversation. Validity and length penalties stay per sample. The earlier sessions' outputs are
-  not in the bank that is answered (each session starts from the expert's state before it), so
-  their T does not depend on them: an ablation, not a reward to train on. A trainer using it sends whole
-  conversations, with the same G, in one call.
+- `dense` (default): each session is scored with its own QA. `dense=False` is one reward per
+  conversation: the requests of one owner in a call form a conversation; its last request (in
+  call order) is answered with the QA of all its requests, and that task reward T(g) (and its
+  dominant kind) is broadcast to candidate g of every session of the conversation. Validity and
+  length penalties stay per sample. Over the usual requests (each session from the EXPERT's state
+  before it) this is only the SESSION-LEVEL APPROXIMATION of the paper's sparse ablation: the
+  earlier sessions' outputs are not in the bank that is answered, so their T does not depend on
+  them; do not train on it. The faithful sparse ablation is the trainer's `reward.dense=false`
+  (`trainers/conversation_episodes.py`): G on-policy trajectories per conversation, each building
+  its own memory session after session; it uses this mode with requests carrying each
+  trajectory's own state before each session (one call per trajectory index g).
 - `attribution` with `alpha`: the dominant kind's agent samples get weight alpha, all others 1.
   `tie_order` breaks ties between kinds with equal counts (first wins; the paper's run used
   episodic > semantic > procedural); no count, no boost; core is never counted and always 1.

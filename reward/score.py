@@ -49,9 +49,15 @@ Reward farming (reviewed; `python -m benchmarks.bench_reward`, part 3, has the n
   abstention note ("not mentioned, unknown"), the expert's operations repeated ten times (same
   T, length penalty). Duplicates do inflate the retrieval counts of attribution, which scales
   that agent's advantage (both signs), not its reward.
-- sparse mode (`RewardConfig.dense=False`) answers from the last session's candidate g only: the
-  earlier sessions' outputs are not in that bank, so their T does not depend on them (their
-  validity and length penalty do). It is the paper's ablation as specified, not a reward to train on.
+- sparse mode (`RewardConfig.dense=False`) answers from the last request's candidate g only. Fed
+  the usual requests (each session over the EXPERT's state before it) it is only the session-level
+  approximation of the paper's sparse ablation: the earlier sessions' outputs are not in the bank
+  that is answered, so their T does not depend on them (their validity and length penalty do); do
+  not train on it. The faithful ablation is the trainer's `reward.dense=false`
+  (`trainers/conversation_episodes.py`): each of the G trajectories builds its own memory session
+  after session, and its requests carry its OWN state before each session, so the anchor's bank
+  is the trajectory's final memory; `prior_own_ids` then counts attribution over every entry the
+  trajectory wrote, not only the last session's.
 
 Speed: the state before is a `BaseBank` built once per (snapshot, owner, embedder) and cached
 (`BaseCache`, shared across calls and threads); a candidate is an `OverlayStore` over it with
@@ -68,7 +74,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 from membuilder.agents.apply import SessionApplication, apply_agent_outputs
 from membuilder.answering import AnswerContext, build_answer_context
@@ -246,8 +252,15 @@ def score_session(
     config: RewardConfig | None = None,
     embedder=None,
     cache: BaseCache | None = None,
+    prior_own_ids: Sequence[Collection[str] | None] | None = None,
 ) -> list[SessionReward]:
     """One `SessionReward` per request, in order (see the module doc for the definition).
+
+    `prior_own_ids` (optional, one item per request): ids of entries of the request's state
+    before that its candidates count as their own for attribution, besides what they create or
+    change themselves. For requests whose snapshot is a trajectory's own state (conversation
+    episodes: the entries it wrote in earlier sessions); default none (the state before is the
+    expert's, nothing in it is the candidate's).
 
     `token_counter(text) -> int` counts tokens of the policy's tokenizer; `answerer` has
     `answer(Question, AnswerContext) -> str` (optionally `answer_batch`), `judge` has
@@ -261,6 +274,9 @@ def score_session(
     config = config or RewardConfig()
     cache = cache or _DEFAULT_CACHE
     requests = _check_requests(requests, config)
+    if prior_own_ids is not None and len(prior_own_ids) != len(requests):
+        raise RewardInputError(f"prior_own_ids has {len(prior_own_ids)} items for {len(requests)} requests")
+    prior = [frozenset(ids or ()) for ids in prior_own_ids] if prior_own_ids is not None else None
     started = time.perf_counter()
     bases = [cache.get(snapshots, req.snapshot_id, req.owner, embedder) for req in requests]
     if config.dense:
@@ -269,7 +285,7 @@ def score_session(
     else:
         anchor_of, qa_of = _sparse_plan(requests)
     built = [_build_candidates(req, base, embedder, config) for req, base in zip(requests, bases)]
-    _answer_candidates(requests, built, anchor_of, qa_of, answerer, judge, config)
+    _answer_candidates(requests, built, anchor_of, qa_of, answerer, judge, config, prior)
     rewards = []
     for i, (req, base) in enumerate(zip(requests, bases)):
         anchor = anchor_of[i]
@@ -312,7 +328,8 @@ def _build_candidates(req: SessionRewardRequest, base: BaseBank, embedder, confi
     return cands
 
 
-def _answer_candidates(requests, built, anchor_of, qa_of, answerer, judge, config: RewardConfig) -> None:
+def _answer_candidates(requests, built, anchor_of, qa_of, answerer, judge, config: RewardConfig,
+                       prior: list[frozenset[str]] | None = None) -> None:
     """Retrieve for every question of every candidate that is answered (dense: all; sparse: the
     conversation's last session), answer and judge all at once; sets `task` and `counts`."""
     jobs: list[tuple[Question, AnswerContext]] = []
@@ -346,7 +363,8 @@ def _answer_candidates(requests, built, anchor_of, qa_of, answerer, judge, confi
                                     f"first: {failures[0].reason}")
         else:
             cand.task = sum(outcome) / len(outcome)
-        cand.counts = retrieval_counts(cand.contexts, cand.app.result.touched)
+        own = cand.app.result.touched if prior is None else prior[i].union(cand.app.result.touched)
+        cand.counts = retrieval_counts(cand.contexts, own)
 
 
 def _candidate_samples(req: SessionRewardRequest, g: int, cands: dict[tuple, _Candidate], source: _Candidate,

@@ -5,12 +5,17 @@ the policy in this process), colocated vLLM, or a remote rollout server (only pr
 weight-sync group). `build_reward(cfg)` makes the `RewardFn`: the reward library in process, or
 the reward server's client. `push_weights(model, engine, is_sender)` sends the policy's current
 weights (full tensors gathered from FSDP2 shards: every process must call it) to the engine.
+`build_reward_parts(cfg)` gives the in-process reward's pieces (answerer, judge, embedder, token
+counter, library config) on their own.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,23 +59,24 @@ def connect_remote_weights(engine: RolloutEngine, cfg: RolloutConfig) -> None:
     engine.connect_weights(host=cfg.weight_sync_host, timeout_s=cfg.timeout_s)
 
 
-def build_reward(cfg: RewardConfig, *, snapshots_dir: str | Path, tokenizer) -> RewardFn:
-    """The configured reward function (same signature in process and remote).
+@dataclass
+class RewardParts:
+    """The in-process reward's pieces: what `build_reward` binds, and what reward schemes that
+    call the reward library themselves (`trainers.conversation_episodes`) use."""
 
-    In process: the reward library over the snapshots at `snapshots_dir`, lengths counted with
-    the policy's `tokenizer`, the configured answerer / judge / embedder.
-    """
-    if cfg.kind == "remote":
-        from reward.client import RemoteReward
+    answerer: Any
+    judge: Any
+    embedder: Any  # None: BM25 only
+    token_counter: Callable[[str], int]  # tokens of the policy's tokenizer
+    config: Any  # reward.config.RewardConfig
 
-        token = os.environ.get(cfg.token_env) if cfg.token_env else None
-        return RemoteReward(cfg.url, token=token or None, timeout_s=cfg.timeout_s)
+
+def build_reward_parts(cfg: RewardConfig, *, tokenizer) -> RewardParts:
+    """The configured answerer / judge / embedder / token counter / library config (in process)."""
     from membuilder.answering import ExtractiveAnswerer, LLMAnswerer
     from membuilder.api import make_embedder
     from membuilder.judging import LLMJudge, RuleJudge
-    from membuilder.snapshots import SnapshotStore
     from reward.config import RewardConfig as LibraryRewardConfig
-    from reward.score import make_reward_fn
 
     client = None
     if cfg.answerer != "extractive" or cfg.judge != "rule":
@@ -79,14 +85,37 @@ def build_reward(cfg: RewardConfig, *, snapshots_dir: str | Path, tokenizer) -> 
         client = LLMClient(LLMConfig.from_env(base_url=cfg.base_url))
     answerer = ExtractiveAnswerer() if cfg.answerer == "extractive" else LLMAnswerer(client, model=cfg.answerer)
     judge = RuleJudge() if cfg.judge == "rule" else LLMJudge(client, model=cfg.judge)
-    library = LibraryRewardConfig(alpha=cfg.alpha, lam=cfg.length_lambda, call_timeout_s=cfg.call_timeout_s)
-    return make_reward_fn(
-        snapshots=SnapshotStore(snapshots_dir),
-        token_counter=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+    return RewardParts(
         answerer=answerer,
         judge=judge,
-        config=library,
         embedder=make_embedder(None if cfg.embedder == "none" else cfg.embedder),
+        token_counter=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+        config=LibraryRewardConfig(alpha=cfg.alpha, lam=cfg.length_lambda, call_timeout_s=cfg.call_timeout_s),
+    )
+
+
+def build_reward(cfg: RewardConfig, *, snapshots_dir: str | Path, tokenizer) -> RewardFn:
+    """The configured reward function (same signature in process and remote).
+
+    In process: the reward library over the snapshots at `snapshots_dir`, lengths counted with
+    the policy's `tokenizer`, the configured answerer / judge / embedder (`build_reward_parts`).
+    """
+    if cfg.kind == "remote":
+        from reward.client import RemoteReward
+
+        token = os.environ.get(cfg.token_env) if cfg.token_env else None
+        return RemoteReward(cfg.url, token=token or None, timeout_s=cfg.timeout_s)
+    from membuilder.snapshots import SnapshotStore
+    from reward.score import make_reward_fn
+
+    parts = build_reward_parts(cfg, tokenizer=tokenizer)
+    return make_reward_fn(
+        snapshots=SnapshotStore(snapshots_dir),
+        token_counter=parts.token_counter,
+        answerer=parts.answerer,
+        judge=parts.judge,
+        config=parts.config,
+        embedder=parts.embedder,
     )
 
 

@@ -12,6 +12,9 @@ writes
                                       done.json
     DIR/sft.jsonl                     (prompt messages, expert answer) pairs for trainers/sft.py
     DIR/rl.parquet                    one row per (session, agent) for trainers/adrpo.py
+    DIR/conversations.jsonl           the RL conversations' sessions (as far as prepared) and the
+                                      prompt settings, for the sparse ablation's on-policy rollouts
+                                      (`trainers.data.conversations`)
 
 Steps, in order (each a module of `trainers/data/`):
 1. load the conversations; LongMemEval keeps only the ids of the splits file's `sft` and `rl`
@@ -44,7 +47,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -68,6 +71,8 @@ from membuilder.world import DEFAULT_CONVERSATIONS as WORLD_CONVERSATIONS
 from membuilder.world import DEFAULT_SESSIONS as WORLD_SESSIONS
 from membuilder.world import WorldExpert, generate_world
 from reward.types import QAPair
+from trainers.data.conversations import FILENAME as CONVERSATIONS_FILE
+from trainers.data.conversations import write_conversations
 from trainers.data.policy_tokenizer import load_policy_tokenizer
 from trainers.data.rl_rows import write_rl_rows
 from trainers.data.rl_set import RLStats, assign_splits, guard_longmemeval, session_rows
@@ -311,6 +316,17 @@ def rl_set(s: PrepareSettings, selection: Selection, trajectories: list[Conversa
     return stats
 
 
+def rl_conversations(s: PrepareSettings, selection: Selection, trajectories: list[ConversationTrajectory],
+                     builder: MemoryBuilder) -> None:
+    """DIR/conversations.jsonl: the RL conversations cut to their prepared sessions, with the settings
+    their prompts were rendered with (the sparse ablation renders a trajectory's prompts the same way)."""
+    convs = [replace(conv, sessions=conv.sessions[: len(traj.records)])
+             for conv, traj in zip(selection.conversations, trajectories) if conv.conversation_id in selection.rl_ids]
+    render = {"top_k": builder.top_k, "max_prompt_chars": builder.max_prompt_chars,
+              "max_turn_chars": builder.max_turn_chars, "max_entry_chars": builder.max_entry_chars}
+    write_conversations(Path(s.out) / CONVERSATIONS_FILE, convs, render=render, embedder=s.embedder)
+
+
 # --- the run ---------------------------------------------------------------------------------------------
 
 
@@ -358,13 +374,14 @@ def prepare(s: PrepareSettings, *, after_session: Callable[[SessionRecord], None
         qa = session_qa(s, selection, trajectories, snapshots, client)
         sft_stats = sft_set(s, selection, trajectories, snapshots, tokenizer)
         rl_stats = rl_set(s, selection, trajectories, qa, tokenizer, tokenizer_name)
+        rl_conversations(s, selection, trajectories, builder)
     finally:
         if client is not None:
             client.close()
     manifest.update(status="complete", tokenizer=tokenizer_name, wall_s=round(time.perf_counter() - started, 3),
                     counts=_counts(selection, trajectories, qa), sft=sft_stats.to_dict(), rl=rl_stats.to_dict(),
                     excluded=selection.excluded, sft_conversations=sorted(selection.sft_ids),
-                    rl_conversations=sorted(selection.rl_ids),
+                    rl_conversations=sorted(selection.rl_ids), conversations_file=CONVERSATIONS_FILE,
                     overlong_policy=f"{s.overlong} (pairs over {s.max_length} tokens)")
     write_json_atomic(out / "manifest.json", manifest)
     return PreparedData(out, manifest)
@@ -398,7 +415,9 @@ def prepare_world(out_dir: str | Path, *, seed: int = 0, conversations: int = WO
     manifest = Path(out_dir) / "manifest.json"
     if manifest.is_file():
         before = json.loads(manifest.read_text())
-        if before.get("status") == "complete" and before.get("settings") == asdict(s):
+        # (data prepared before conversations.jsonl existed is completed by a resumed run)
+        complete = before.get("status") == "complete" and (Path(out_dir) / CONVERSATIONS_FILE).is_file()
+        if complete and before.get("settings") == asdict(s):
             return PreparedData(Path(out_dir), before)
     return prepare(s)
 
