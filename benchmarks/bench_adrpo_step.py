@@ -1,11 +1,15 @@
 """Time per ADRPO training step, by part, on CPU.
 
-    python -m benchmarks.bench_adrpo_step [--sections shared-prompt] [--repeats 5] [--threads 1]
+    python -m benchmarks.bench_adrpo_step [--sections shared-prompt phases] [--repeats 5] [--threads 1]
         [--cases 1500:150 4000:300] [--out benchmarks/results/adrpo_step.md]
 
 Each section measures one thing and owns one block of the results file (between
 `<!-- section:NAME -->` markers; a rerun replaces only its own block). Sections:
 
+- `phases`: the embedded default config (`python trainers/adrpo.py`) run once with the
+  transformers engine and once with vLLM; seconds per step by phase (rollout, reward, old / ref
+  log-probs, forward + backward, clip + optimizer, weight push) and the peak resident set of the
+  process tree.
 - `shared-prompt`: the trainer's forward+backward (final hidden states -> `fused_policy_loss` ->
   backward) on G = 8 samples sharing a prompt, prompt:answer lengths 1,500:150 and 4,000:300,
   three ways: `packed` (each prompt once, `enable_shared_prompt_attention`), `packed-mask` (the
@@ -285,6 +289,95 @@ def _config_text() -> str:
     )
 
 
+# ----------------------------------------------------------------------------- phases section
+
+PHASES = [  # (metric, label)
+    ("time/rollout_s", "rollout"),
+    ("time/reward_s", "reward"),
+    ("time/logprobs_s", "old / ref log-probs"),
+    ("fwd_bwd", "forward + backward"),
+    ("time/optimizer_s", "clip + optimizer"),
+    ("time/weight_push_s", "weight push"),
+]
+ENGINES = ["transformers", "vllm"]
+
+
+def _tree_rss(proc) -> int:
+    """Resident bytes of a process and all its descendants (the vLLM engine runs in a child)."""
+    import psutil
+
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _run_default(engine: str, out: Path, threads: int, extra: list[str]) -> dict:
+    """`python trainers/adrpo.py` (the embedded default config) with one engine; per-step metrics,
+    wall time and the peak resident set of its process tree, sampled every 0.2 s."""
+    import psutil
+
+    cmd = [sys.executable, "trainers/adrpo.py", f"rollout.engine={engine}", f"checkpoint.output_dir={out}",
+           "logging.progress_bar=false", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watched, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(watched))
+        time.sleep(0.2)
+    log = proc.stdout.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"adrpo.py with rollout.engine={engine} failed ({proc.returncode}):\n{log[-3000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"rows": rows, "wall_s": time.perf_counter() - started, "peak_rss": peak, "command": " ".join(cmd[1:])}
+
+
+def run_phases_section(repeats: int, threads: int, cases: list[tuple[int, int]], extra: list[str] | None = None) -> str:
+    """Time per step of the embedded default config by phase, transformers vs vLLM rollout."""
+    from tqdm import tqdm
+
+    extra = extra or []
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in tqdm(ENGINES, desc="default config runs"):
+            runs[engine] = _run_default(engine, Path(tmp) / engine, threads, extra)
+    lines = [
+        "The embedded default (`trainers/configs/adrpo_cpu.yaml`: SmolLM2-135M-Instruct, G = 4, answers up "
+        "to 64 tokens, 1 session x 4 agents per step, 2 steps, offline reward) run as "
+        "`python trainers/adrpo.py rollout.engine=ENGINE` (commands below), once per engine, one after the "
+        "other. Seconds per step from each run's `metrics.jsonl`; forward + backward is the update "
+        "phase minus clip + optimizer. Step 1 includes first-call warm-up. Peak memory: the highest "
+        "resident set of the whole process tree (trainer, and vLLM's engine process), sampled every 0.2 s.",
+        "",
+        "| engine | step | " + " | ".join(label for _, label in PHASES) + " | step total |",
+        "|---|---|" + "---|" * (len(PHASES) + 1),
+    ]
+    for engine, run in runs.items():
+        for row in run["rows"]:
+            vals = []
+            for key, _ in PHASES:
+                if key == "fwd_bwd":
+                    vals.append(row.get("time/update_s", float("nan")) - row.get("time/optimizer_s", 0.0))
+                else:
+                    vals.append(row.get(key, float("nan")))
+            total = sum(row.get(k, 0.0) for k in ("time/episodes_s", "time/logprobs_s", "time/update_s", "time/weight_push_s"))
+            lines.append(f"| {engine} | {row['step']} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {total:.1f} |")
+    lines += ["", "| engine | wall time of the whole command (s) | peak resident set (GiB) | rollout tokens/s (last step) |",
+              "|---|---|---|---|"]
+    for engine, run in runs.items():
+        last = run["rows"][-1]
+        lines.append(f"| {engine} | {run['wall_s']:.0f} | {run['peak_rss'] / 2**30:.2f} | {last.get('rollout/tokens_per_s', float('nan')):.1f} |")
+    t, v = runs["transformers"]["rows"][-1], runs["vllm"]["rows"][-1]
+    lines += ["", f"Rollout, last step: vLLM {v['time/rollout_s']:.1f} s against transformers {t['time/rollout_s']:.1f} s "
+              f"({t['time/rollout_s'] / max(v['time/rollout_s'], 1e-9):.2f}x).", "", "Commands:", ""]
+    lines += [f"    python {run['command']}" for run in runs.values()]
+    return "\n".join(lines)
+
+
 # The sections this benchmark knows: title and the function measuring it (repeats, threads,
 # cases) -> markdown; and the worker function each runs in its subprocesses.
 SECTIONS: dict[str, tuple[str, Callable[[int, int, list[tuple[int, int]]], str]]] = {
@@ -292,6 +385,7 @@ SECTIONS: dict[str, tuple[str, Callable[[int, int, list[tuple[int, int]]], str]]
         "Shared-prompt groups against plain per-sample batches (forward + backward)",
         run_shared_prompt_section,
     ),
+    "phases": ("Time per step of the default config, by phase, transformers and vLLM rollout", run_phases_section),
 }
 WORKERS: dict[str, Callable[..., dict]] = {
     "shared-prompt-timing": shared_prompt_timing_worker,
@@ -338,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
         "--cases", nargs="+", default=[f"{p}:{a}" for p, a in DEFAULT_CASES], help="prompt:answer lengths"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adrpo_step.md"))
+    parser.add_argument("--phase-overrides", nargs="*", default=[], metavar="key=value",
+                        help="phases section: config overrides for both default-config runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -358,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     header = "# ADRPO step benchmark (CPU)\n\nSections are written by `python -m benchmarks.bench_adrpo_step`.\n"
     for name in args.sections:
         title, run = SECTIONS[name]
-        body = run(args.repeats, args.threads, cases)
+        body = run(args.repeats, args.threads, cases, args.phase_overrides) if name == "phases" else run(args.repeats, args.threads, cases)
         command = (
             f"python -m benchmarks.bench_adrpo_step --sections {name} --repeats {args.repeats} "
             f"--threads {args.threads} --cases {' '.join(args.cases)}"

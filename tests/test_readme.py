@@ -85,3 +85,48 @@ def test_longmemeval_command_names_existing_data_and_the_hashing_embedder():
     args = parse_args(argv)
     assert args.dataset == "longmemeval_s_dev" and args.dataset in DATASET_NAMES
     assert args.data is None and args.embedder == "hashing"  # the published LongMemEval figures' embedder
+
+
+@pytest.mark.slow  # tiny SFT (4 steps), then tiny ADRPO (1 step on a generated world): about a minute
+def test_the_training_quickstart_runs_in_order_and_prints_what_it_says(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from trainers.metrics import read_metrics
+
+    blocks = python_blocks(section("Training"))
+    assert len(blocks) == 2 and "SFTTrainer" in blocks[0] and "ADRPOTrainer" in blocks[1]
+    monkeypatch.chdir(tmp_path)  # a fresh folder: the second snippet starts from the first's checkpoint
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n, code in enumerate(blocks, start=1):
+            expected = expected_output(code)
+            assert expected, f"training snippet {n} shows no output"
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                exec(compile(code, f"README.md (training snippet {n})", "exec"), {"__name__": f"readme_train_{n}"})
+            # The trainer prints its config first; the snippet's own lines come last.
+            assert printed.getvalue().splitlines()[-len(expected):] == expected, f"training snippet {n}"
+    finally:
+        torch.set_num_threads(threads)
+    sft_model = "runs/sft-quickstart/checkpoints/step-000004/model"
+    assert [r["step"] for r in read_metrics(tmp_path / "runs" / "sft-quickstart")] == [1, 2, 3, 4]
+    saved = json.loads((tmp_path / "runs" / "adrpo-quickstart" / "trainer_config.json").read_text())
+    assert saved["model"]["path"] == sft_model  # ADRPO started from the SFT checkpoint
+    (row,) = read_metrics(tmp_path / "runs" / "adrpo-quickstart")
+    # 1 session x 4 agents x G = 2 samples, all scored by the in-process reward.
+    assert row["batch/samples"] == 8 and row["batch/masked_reward_failed"] == 0
+
+
+def test_the_install_lines_name_extras_that_exist():
+    import tomllib
+
+    extras = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    text = section("Install")
+    lines = [line for line in re.findall(r"```bash\n(.*?)```", text, flags=re.S)[0].splitlines() if "pip install" in line]
+    assert "pip install ." in lines  # the memory library alone
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in lines
+    named = {e for line in lines for group in re.findall(r'"\.\[([a-z,]+)\]"', line) for e in group.split(",")}
+    assert named == {"embedder", "test", "cpu", "gpu"} and named <= extras.keys()

@@ -41,6 +41,7 @@ Departures from the paper's run (veRL ~0.4), all named by config fields:
 Run:
     accelerate launch trainers/adrpo.py                       # trainers/configs/adrpo_cpu.yaml
     python trainers/adrpo.py --config trainers/configs/adrpo_paper_gpu.yaml --resume latest
+    python trainers/adrpo.py --overwrite                      # replace the run in the output dir
     accelerate launch --multi_gpu --num_processes 2 trainers/adrpo.py distributed.fsdp=true
 From Python: `ADRPOTrainer(cfg, reward_fn=my_reward).train()`.
 """
@@ -68,7 +69,7 @@ from reward.types import RewardFn
 from rollout.types import RolloutEngine, SamplingParams
 from trainers.adrpo_config import ADRPOConfig
 from trainers.checkpoint import TrainState, load_checkpoint, load_policy, save_checkpoint
-from trainers.config import ConfigError, format_config, load_config, save_config
+from trainers.config import ConfigError, load_config
 from trainers.data.rl_rows import RLRow, read_rl_rows
 from trainers.episodes import Episodes, EpisodeSource, SessionEpisodes, SourceContext, configured_source
 from trainers.distributed import (
@@ -83,7 +84,16 @@ from trainers.engines import build_engine, build_reward, connect_remote_weights,
 from trainers.metrics import MetricsLogger, progress_bar
 from trainers.optim import build_optimizer, build_scheduler
 from trainers.packing import enable_shared_prompt_attention
-from trainers.recipe import base_model_path, resume_checkpoint
+from trainers.recipe import base_model_path
+from trainers.run_dir import (
+    USER_ERRORS,
+    finished_before_start,
+    finished_message,
+    quiet_library_bars,
+    report_results,
+    start_run,
+    user_error_exit,
+)
 from trainers.rl_batch import (
     RLSession,
     assign_advantages,
@@ -133,12 +143,11 @@ class ADRPOTrainer:
             # none, and FSDP2 is the design's distributed mode anyway.
             raise ConfigError("several processes need distributed.fsdp=true (ADRPO does not run under DDP)")
         set_seed(cfg.train.seed)
-        self.output_dir = Path(cfg.checkpoint.output_dir)
+        # One run per output folder; a resume must match the saved config (trainers/run_dir.py).
+        self.run = start_run(cfg, main_process=acc.is_main_process)
+        self.output_dir = self.run.output_dir
         self.checkpoints_dir = self.output_dir / "checkpoints"
-        resume = resume_checkpoint(cfg.checkpoint, self.checkpoints_dir)
-        if acc.is_main_process:
-            print(format_config(cfg), flush=True)
-            save_config(cfg, self.output_dir / "trainer_config.json")
+        resume = self.run.resume
 
         # Data: sessions of the RL set (or the given episode source), the same on every process.
         self.base_path = base_model_path(cfg.model, self.output_dir)
@@ -148,6 +157,11 @@ class ADRPOTrainer:
             episodes = configured_source(
                 SourceContext(cfg, self.output_dir, self.base_path, self.snapshots_dir, acc.is_main_process)
             )
+            if episodes is not None and (reward_fn is not None or rows is not None):
+                raise ConfigError(
+                    f"reward_fn= / rows= feed the dense session source; data.architecture={cfg.data.architecture!r} "
+                    f"with reward.dense={cfg.reward.dense} builds its own data and reward (pass episodes= instead)"
+                )
         if episodes is None:
             rows = rows if rows is not None else self._read_rows()
             self.sessions = group_sessions(rows, cfg.data.agents, cfg.data.split)
@@ -181,7 +195,7 @@ class ADRPOTrainer:
                 resume, model=self.unwrapped_model, optimizer=self.torch_optimizer, scheduler=self.scheduler
             )
             if self.state.global_batch_size != cfg.data.sessions_per_step:
-                raise ValueError(
+                raise ConfigError(
                     f"{resume} was trained with {self.state.global_batch_size} sessions per step, this run has "
                     f"{cfg.data.sessions_per_step}; the position in the data would not carry over"
                 )
@@ -395,18 +409,18 @@ class ADRPOTrainer:
 
 
 def train(cfg: ADRPOConfig, **kwargs) -> ADRPOResult:
-    """Run ADRPO to the end of `cfg`'s schedule (does not tear down the process group)."""
+    """Run ADRPO to the end of `cfg`'s schedule (does not tear down the process group). Process 0
+    then prints where the metrics, curves and checkpoint went."""
     trainer = ADRPOTrainer(cfg, **kwargs)
+    main_process = trainer.accelerator.is_main_process
     try:
+        if main_process and trainer.state.step >= trainer.total_steps:
+            print(finished_message(trainer.output_dir, trainer.state.step, trainer.total_steps), flush=True)
         result = trainer.train()
     finally:
         trainer.close()
-    if trainer.accelerator.is_main_process:
-        print(
-            f"metrics: {trainer.output_dir / 'metrics.jsonl'}\nreward curve: {result.plot}\n"
-            f"checkpoint: {result.checkpoint}",
-            flush=True,
-        )
+    if main_process:
+        report_results(cfg, extra={"reward curve": result.plot})
     return result
 
 
@@ -420,9 +434,17 @@ def parse_args(argv: list[str] | None = None) -> ADRPOConfig:
         "--config", default=str(EMBEDDED_DEFAULT), help="JSON, TOML or YAML config (default: %(default)s)"
     )
     parser.add_argument("--resume", metavar="DIR|latest", help="checkpoint folder, or 'latest' under the output dir")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in the output dir (checkpoint.overwrite=true)"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (logging.progress_bar=false); the summary stays"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=1e-6")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    overrides += ["checkpoint.overwrite=true"] if args.overwrite else []
+    overrides += ["logging.progress_bar=false"] if args.no_progress else []
     try:
         return load_config(ADRPOConfig, args.config, overrides)
     except ConfigError as exc:
@@ -430,12 +452,22 @@ def parse_args(argv: list[str] | None = None) -> ADRPOConfig:
 
 
 def main(argv: list[str] | None = None, *, exit_process: bool = False) -> None:
-    """The command line; `exit_process` ends a launched worker cleanly (see `exit_launched_process`)."""
+    """The command line; `exit_process` ends a launched worker cleanly (see `exit_launched_process`).
+    A user error (a bad config, an output dir that holds another run) prints one line and its
+    cause and exits with status 2; a resumed run that is already finished says so and exits 0."""
     cfg = parse_args(argv)
+    quiet_library_bars()
     try:
-        train(cfg)
-    except BaseException:
+        if not finished_before_start(cfg):
+            train(cfg)
+    except USER_ERRORS as exc:
         shutdown()
+        code = user_error_exit("adrpo.py", exc)
+        if exit_process:
+            exit_launched_process(code)
+        raise SystemExit(code) from None
+    except BaseException:
+        shutdown(failed=True)
         raise
     if exit_process:
         exit_launched_process(0)

@@ -18,6 +18,7 @@ from reward.types import AGENTS
 from trainers.config import (
     CheckpointConfig,
     ConfigError,
+    _check_seed,
     DistributedConfig,
     LoggingConfig,
     LoraConfig,
@@ -55,6 +56,8 @@ class RLDataConfig:
 
     def __post_init__(self):
         _check(self.sessions_per_step >= 1, f"data.sessions_per_step must be >= 1, got {self.sessions_per_step}")
+        _check(self.world_conversations >= 0, f"data.world_conversations must be >= 0, got {self.world_conversations}")
+        _check(self.world_sessions >= 0, f"data.world_sessions must be >= 0, got {self.world_sessions}")
         bad = sorted(set(self.agents) - set(AGENTS))
         _check(not bad and bool(self.agents), f"data.agents must be a non-empty subset of {list(AGENTS)}, got {self.agents}")
 
@@ -92,6 +95,17 @@ class RolloutConfig:
         _check(self.temperature > 0, f"rollout.temperature must be > 0 (the trainer divides by it), got {self.temperature}")
         _check(0 < self.top_p <= 1, f"rollout.top_p must lie in (0, 1], got {self.top_p}")
         _check(self.max_tokens >= 1, f"rollout.max_tokens must be >= 1, got {self.max_tokens}")
+        _check(self.max_batch_size >= 1, f"rollout.max_batch_size must be >= 1, got {self.max_batch_size}")
+        _check(
+            0 < self.vllm_gpu_memory_utilization <= 1,
+            f"rollout.vllm_gpu_memory_utilization must lie in (0, 1], got {self.vllm_gpu_memory_utilization}",
+        )
+        _check(
+            self.max_model_len is None or self.max_model_len > self.max_tokens,
+            f"rollout.max_model_len must exceed rollout.max_tokens ({self.max_tokens}) to leave room for a "
+            f"prompt, got {self.max_model_len}",
+        )
+        _check(self.timeout_s > 0, f"rollout.timeout_s must be > 0, got {self.timeout_s}")
         _check(self.tis_cap >= 1, f"rollout.tis_cap must be >= 1, got {self.tis_cap}")
         _check(self.engine != "remote" or bool(self.url), "rollout.engine=remote needs rollout.url")
 
@@ -128,10 +142,20 @@ class RewardConfig:
     # conversation's QA is answered from its final memory; a step then takes
     # `data.sessions_per_step` conversations.
     dense: bool = True
+    # data.architecture=longshort: the splitter's penalty per important fact whose long-term
+    # operation ends as NOOP (scaled by the share of such facts).
+    noop_weight: float = 0.5
 
     def __post_init__(self):
         _check(self.kind != "remote" or bool(self.url), "reward.kind=remote needs reward.url")
         _check(self.alpha >= 1, f"reward.alpha must be >= 1, got {self.alpha}")
+        _check(self.noop_weight >= 0, f"reward.noop_weight must be >= 0, got {self.noop_weight}")
+        _check(self.length_lambda >= 0, f"reward.length_lambda must be >= 0, got {self.length_lambda}")
+        _check(self.timeout_s > 0, f"reward.timeout_s must be > 0, got {self.timeout_s}")
+        _check(
+            self.call_timeout_s is None or self.call_timeout_s > 0,
+            f"reward.call_timeout_s must be > 0 (or null), got {self.call_timeout_s}",
+        )
 
 
 @dataclass
@@ -142,7 +166,7 @@ class ADRPOLossConfig:
     beta: float = 0.02
     kl_clamp: float = 10.0  # 0: no clamp
     dual_clip: float = 3.0  # 0: no dual clip
-    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_sum_norm"] = "token_mean"
+    aggregation: Aggregation = Aggregation.TOKEN_MEAN  # loads from its value, e.g. token_mean
     norm_length: int = 0  # seq_sum_norm only
     adv_eps: float = 1e-6
     # Optimizer steps per rollout batch, each on the whole batch. 1 (the paper) keeps the ratio
@@ -157,9 +181,30 @@ class ADRPOLossConfig:
     def __post_init__(self):
         _check(self.updates_per_batch >= 1, f"loss.updates_per_batch must be >= 1, got {self.updates_per_batch}")
         _check(self.micro_batch_tokens >= 1, f"loss.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
+        if not isinstance(self.aggregation, Aggregation):  # built in Python with the value
+            values = [a.value for a in Aggregation]
+            _check(self.aggregation in values, f"loss.aggregation must be one of {values}, got {self.aggregation!r}")
+            self.aggregation = Aggregation(self.aggregation)
+        # The policy loss checks these too, but its messages name its own arguments; these name
+        # the config keys (dual_clip and kl_clamp: 0 is "off" here, None there).
+        _check(0.0 <= self.eps_low < 1.0, f"loss.eps_low must be in [0, 1), got {self.eps_low}")
+        _check(self.eps_high >= 0, f"loss.eps_high must be >= 0, got {self.eps_high}")
+        _check(self.beta >= 0, f"loss.beta must be >= 0, got {self.beta}")
+        _check(self.kl_clamp >= 0, f"loss.kl_clamp must be >= 0 (0: no clamp), got {self.kl_clamp}")
+        _check(
+            self.dual_clip == 0 or self.dual_clip > 1,
+            f"loss.dual_clip must be > 1 (0: no dual clip), got {self.dual_clip}",
+        )
+        _check(self.norm_length >= 0, f"loss.norm_length must be >= 0, got {self.norm_length}")
+        _check(
+            self.aggregation is not Aggregation.SEQ_SUM_NORM or self.norm_length > 0,
+            f"loss.aggregation={self.aggregation.value} needs loss.norm_length > 0, got {self.norm_length}",
+        )
+        _check(self.adv_eps > 0, f"loss.adv_eps must be > 0, got {self.adv_eps}")
+        _check(self.chunk_size >= 1, f"loss.chunk_size must be >= 1, got {self.chunk_size}")
         try:
             self.policy_loss_config()
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ConfigError(f"loss: {exc}") from exc
 
     def policy_loss_config(self) -> PolicyLossConfig:
@@ -167,7 +212,7 @@ class ADRPOLossConfig:
             eps_low=self.eps_low,
             eps_high=self.eps_high,
             beta=self.beta,
-            aggregation=Aggregation(self.aggregation),
+            aggregation=self.aggregation,
             norm_length=self.norm_length or None,
             dual_clip=self.dual_clip or None,
             kl_clamp=self.kl_clamp or None,
@@ -185,6 +230,7 @@ class ADRPOTrainConfig:
     def __post_init__(self):
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _check(self.max_steps > 0 or self.epochs >= 1, "train.epochs must be >= 1 (or set max_steps)")
+        _check_seed(self.seed, "train.seed")
 
 
 @dataclass

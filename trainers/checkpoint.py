@@ -5,21 +5,38 @@ Layout of `<output_dir>/checkpoints/step-000010/`:
     model/               full fine-tuning: the model (`from_pretrained`-loadable, so vLLM loads
                          it too) with its tokenizer; with LoRA: base + adapter merged, if asked
     adapter/             LoRA only: the peft adapter with the tokenizer
-    optimizer.pt         full (unsharded) optimizer state keyed by parameter name
+    dcp/                 torch.distributed.checkpoint of {"model": trainable weights,
+                         "optimizer": optimizer state}, sharded: `__<rank>_0.distcp` per process
+                         plus `.metadata` (which rank's file holds which slice of which tensor)
     scheduler.pt         learning-rate scheduler state
     rng/rank-00000.pt    python, numpy and torch (CPU, CUDA) RNG states of each process
     trainer_state.json   step, epoch, position in the epoch, global batch size
     trainer_config.json  the typed config of the run
 
-Under FSDP every process takes part in gathering full state dicts, and only rank 0 writes them.
-A checkpoint is written into `step-N.tmp` and renamed when complete, so `latest_checkpoint` never
-returns a half-written one. Weights are saved in the dtype they are trained in (float32 master
-weights under mixed precision), which is what makes a resume exact.
+Model and optimizer state go through torch.distributed.checkpoint (DCP): under FSDP2 each
+process writes the shard it holds and, at resume, reads only the slices of the files that
+overlap its shard (with the same number of processes: its own file), so no process ever holds
+the full optimizer state (2 x 4 bytes per parameter with AdamW: ~32 GB at 4B parameters).
+Tensors that every process holds whole (DDP, or a single process; the optimizer's `step`
+counters) are written once. A single process without a process group uses the same format (DCP
+then runs without collectives). Only the HF `model/` is gathered in full, on rank 0, for
+`from_pretrained` and vLLM; frozen weights (LoRA's base) are not in `dcp/`. DCP reshards when
+resuming on a different number of processes. All processes must see the same filesystem: rank
+0 writes `.metadata` and renames the finished folder.
+
+Checkpoints of the previous format (a full `optimizer.pt` instead of `dcp/`) still load: every
+process then reads the whole optimizer file, as before.
+
+Under FSDP every process takes part in gathering the full HF weights, and only rank 0 writes
+them. A checkpoint is written into `step-N.tmp` and renamed when complete, so
+`latest_checkpoint` never returns a half-written one. Weights are saved in the dtype they are
+trained in (float32 master weights under mixed precision), which is what makes a resume exact.
 
 Resuming is two calls: `load_policy(..., checkpoint=ckpt)` builds the model from the
 checkpoint's weights before `Accelerator.prepare` (every process reads them; sharding follows),
-then `load_checkpoint(ckpt, ...)` restores optimizer, scheduler and RNG into the prepared
-objects and returns the `TrainState` to continue from.
+then `load_checkpoint(ckpt, ...)` restores the trainable weights and the optimizer from each
+process's shard in `dcp/`, the scheduler and the RNG into the prepared objects, and returns the
+`TrainState` to continue from.
 """
 
 from __future__ import annotations
@@ -28,6 +45,9 @@ import json
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +55,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_optimizer_state_dict,
+    get_state_dict,
     set_optimizer_state_dict,
+    set_state_dict,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -70,9 +92,42 @@ def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
-def _state_dict_options() -> StateDictOptions:
-    # cpu_offload gathers onto rank 0 only, which needs a process group.
-    return StateDictOptions(full_state_dict=True, cpu_offload=_distributed())
+DCP_DIR = "dcp"  # the sharded model + optimizer state inside a checkpoint
+LEGACY_OPTIMIZER_FILE = "optimizer.pt"  # the previous format: the full optimizer state
+
+
+def _sharded_options(strict: bool = True) -> StateDictOptions:
+    # Sharded (DTensor) values under FSDP2, plain tensors otherwise; frozen weights (LoRA's base)
+    # come from the base model at resume, so they are neither written nor read.
+    return StateDictOptions(full_state_dict=False, ignore_frozen_params=True, strict=strict)
+
+
+def _without_aliases(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """The model `state` with each tied parameter under its first name only.
+
+    A tied head is its embedding's parameter, which DCP would otherwise write and read twice
+    (V x H floats: 1.6 GB at Qwen3-4B's vocabulary). The names come from the module structure,
+    so every process drops the same keys. Activation checkpointing's wrapper prefix is removed
+    from names, as `get_state_dict` does.
+    """
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        name = name.replace("_checkpoint_wrapped_module.", "")
+        if id(param) in first:
+            aliases.add(name)
+        else:
+            first[id(param)] = name
+    return {key: value for key, value in state.items() if key not in aliases}
+
+
+@contextmanager
+def _without_process_group_warning() -> Iterator[None]:
+    # DCP warns that it assumes a single process when there is no process group; that is this
+    # module's single-process format, not a mistake.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,11 +248,13 @@ def save_checkpoint(
     torch.save(_rng_state(), tmp / "rng" / f"rank-{_rank():05d}.pt")
 
     _save_model(tmp, model, tokenizer, lora_base_path, save_merged)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=_state_dict_options())
-    # Without FSDP the gathers above are local, so wait for every RNG file before the rename.
+    # Each process writes its own shard of the trainable weights and of the optimizer state.
+    model_state, optim_state = get_state_dict(model, optimizer, options=_sharded_options())
+    with _without_process_group_warning():
+        dcp.save({"model": _without_aliases(model, model_state), "optimizer": optim_state}, checkpoint_id=tmp / DCP_DIR)
+    # Wait for every process's RNG file and shard before the rename.
     barrier()
     if is_main_process():
-        torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
         save_config(config, tmp / "trainer_config.json")
@@ -248,19 +305,28 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> TrainState:
-    """Restore optimizer, scheduler and this process's RNG; return the saved `TrainState`.
+    """Restore trainable weights, optimizer, scheduler and this process's RNG; return the `TrainState`.
 
-    The model weights were already loaded by `load_policy(..., checkpoint=...)`. Call on every
-    process after `prepare`; a process without its own RNG file (more processes than at save
-    time) keeps its seeded RNG.
+    Call on every process after `prepare` (a collective under FSDP). `model` and `optimizer` as
+    for `save_checkpoint`. Each process reads only its shard of `dcp/` (see the module doc); a
+    checkpoint of the previous format (`optimizer.pt`) loads too, every process reading the whole
+    optimizer state. The weights in `dcp/` equal those `load_policy(..., checkpoint=...)` already
+    loaded from `model/`. A process without its own RNG file (more processes than at save time)
+    keeps its seeded RNG.
     """
     checkpoint = Path(checkpoint)
     state = read_train_state(checkpoint)
-    # Every process reads the full optimizer state; set_optimizer_state_dict keeps its shard.
-    optim_state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
-    set_optimizer_state_dict(
-        model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
-    )
+    if (checkpoint / DCP_DIR / ".metadata").is_file():
+        _load_sharded(checkpoint / DCP_DIR, model, optimizer)
+    elif (checkpoint / LEGACY_OPTIMIZER_FILE).is_file():
+        # Previous format: every process reads the full state; set_optimizer_state_dict keeps its shard.
+        optim_state = torch.load(checkpoint / LEGACY_OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        raise FileNotFoundError(
+            f"{checkpoint} holds no model/optimizer state: expected a sharded torch.distributed.checkpoint "
+            f"folder {DCP_DIR}/ with .metadata (this format) or {LEGACY_OPTIMIZER_FILE} (the previous format)"
+        )
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     rng_file = checkpoint / "rng" / f"rank-{_rank():05d}.pt"
     if rng_file.is_file():
@@ -272,3 +338,23 @@ def load_checkpoint(
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read this process's shard of the weights and optimizer state from the DCP folder `path`."""
+    # The model's own (sharded) state dicts are the templates: DCP fills them in place, reading
+    # only the slices each one covers, and fails on a key the checkpoint lacks. Taking the
+    # optimizer template creates its state (a zero-learning-rate step) if it has none yet.
+    model_state, optim_state = get_state_dict(model, optimizer, options=_sharded_options())
+    # A tied weight is filled in place through its first key, as it was saved.
+    target = {"model": _without_aliases(model, model_state), "optimizer": optim_state}
+    with _without_process_group_warning():
+        dcp.load(target, checkpoint_id=path)
+    # Not strict: frozen weights and tied aliases are deliberately absent.
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=target["model"],
+        optim_state_dict=target["optimizer"],
+        options=_sharded_options(strict=False),
+    )

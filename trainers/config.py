@@ -6,14 +6,21 @@ The sections (`ModelConfig`, `LoraConfig`, `OptimConfig`, ...) are shared by the
 trainers define their own top-level dataclass and reuse `load_config`.
 
 Override syntax on the command line: `optim.lr=3e-4`, `lora.enabled=true`,
-`lora.target_modules=["q_proj","v_proj"]`, `model.path=null`. Values are parsed as JSON, except
-for string fields, which take the text as written (so `model.path=/data/m` needs no quotes).
+`lora.target_modules=["q_proj","v_proj"]`, `model.path=null`,
+`data.chat_template_kwargs={"enable_thinking": false}` or one key of such a table,
+`data.chat_template_kwargs.enable_thinking=false`. Values are parsed as JSON, except for string
+fields and enums with string values, which take the text as written (so `model.path=/data/m`
+needs no quotes). Enum fields load from their values (`loss.aggregation=token_mean`) and are saved
+as them. Every bad value, whether a wrong type or one a section's `__post_init__` refuses, is a
+`ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
+import math
 import tomllib
 import types
 import typing
@@ -35,6 +42,14 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Seeds go to `accelerate.utils.set_seed`, whose `np.random.seed` takes only [0, 2**32).
+SEED_LIMIT = 2**32
+
+
+def _check_seed(seed: int, key: str) -> None:
+    _check(0 <= seed < SEED_LIMIT, f"{key} must be in [0, 2**32), got {seed}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The sections
 # ---------------------------------------------------------------------------------------------
@@ -52,6 +67,9 @@ class ModelConfig:
     # Seed for the tiny model built when `path` is None.
     tiny_seed: int = 0
 
+    def __post_init__(self):
+        _check_seed(self.tiny_seed, "model.tiny_seed")
+
 
 @dataclass
 class LoraConfig:
@@ -67,7 +85,9 @@ class LoraConfig:
 
     def __post_init__(self):
         _check(self.r >= 1, f"lora.r must be >= 1, got {self.r}")
+        _check(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _check(bool(self.target_modules), "lora.target_modules must name at least one module")
 
 
 @dataclass
@@ -88,6 +108,11 @@ class OptimConfig:
 
     def __post_init__(self):
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0.0 <= self.beta1 < 1.0, f"optim.beta1 must be in [0, 1), got {self.beta1}")
+        _check(0.0 <= self.beta2 < 1.0, f"optim.beta2 must be in [0, 1), got {self.beta2}")
+        # eps = 0 divides 0 by 0 for a parameter whose gradient has always been zero.
+        _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         _check(self.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -105,9 +130,22 @@ class DataConfig:
     # Batch examples of similar length together (less padding); batches are still shuffled.
     group_by_length: bool = True
     shuffle: bool = True
+    # Extra variables of the chat template, e.g. {"enable_thinking": false} for Qwen3. The RL
+    # prompts and the rollout must render with the same ones, so the policy sees one format.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         _check(self.max_length >= 2, f"data.max_length must be >= 2, got {self.max_length}")
+        _check_template_kwargs(self.chat_template_kwargs, "data.chat_template_kwargs")
+
+
+def _check_template_kwargs(kwargs: dict[str, Any], key: str) -> None:
+    # apply_chat_template takes these as keyword arguments next to its own: a clash would
+    # silently change how the prompt is rendered (or raise a TypeError deep inside transformers).
+    reserved = {"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
+                "chat_template", "tools", "documents", "return_dict", "return_tensors"}
+    clash = sorted(set(kwargs) & reserved)
+    _check(not clash, f"{key} must not set apply_chat_template's own arguments, got {clash}")
 
 
 @dataclass
@@ -129,6 +167,7 @@ class TrainConfig:
         _check(
             self.max_steps > 0 or self.epochs >= 1, f"train.epochs must be >= 1 (or set max_steps), got {self.epochs}"
         )
+        _check_seed(self.seed, "train.seed")
 
 
 @dataclass
@@ -141,6 +180,14 @@ class DistributedConfig:
     wrap_class: str | None = None
     # "auto" is bf16 mixed precision on a CUDA GPU that supports it and float32 elsewhere.
     precision: Literal["auto", "no", "bf16"] = "auto"
+    # When FSDP2 reduces gradients during gradient accumulation. "every_micro_batch":
+    # reduce-scatter after each micro-batch's backward, so each rank only ever holds its shard of
+    # the gradients (1/N of them; one collective per micro-batch). "last_micro_batch": FSDP2's
+    # `no_sync` (`set_requires_gradient_sync(False)`) on all but the last micro-batch: no
+    # communication until then, but every rank keeps the full unsharded gradients of the whole
+    # model (4 bytes/parameter in float32) across the step. DDP always syncs on the last only
+    # (its gradients are full anyway). Numbers: benchmarks/results/sft_memory.md.
+    grad_accum_sync: Literal["every_micro_batch", "last_micro_batch"] = "every_micro_batch"
 
 
 @dataclass
@@ -152,6 +199,9 @@ class CheckpointConfig:
     keep_last: int = 2
     # Resume from this checkpoint folder, or "latest" for the newest one under output_dir.
     resume: str | None = None
+    # A new run refuses an output_dir that already holds a run; true deletes that run's files
+    # first (`trainers.run_dir`).
+    overwrite: bool = False
 
     def __post_init__(self):
         _check(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
@@ -198,6 +248,16 @@ def _coerce(value: Any, tp: Any, where: str, default: Any = None) -> Any:
     a section whose defaults its parent sets (`TrainConfig(epochs=20)`) keeps them.
     """
     origin = typing.get_origin(tp)
+    if tp is Any:  # free-form values (chat-template variables): whatever the file or JSON held
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        values = [m.value for m in tp]
+        # Enums load from their values; bool is excluded so `true` never matches a value of 1.
+        if not isinstance(value, bool) and value in values:
+            return tp(value)
+        raise ConfigError(f"bad value for '{where}': {value!r} is not one of {values}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"bad value for '{where}': expected a table of {tp.__name__} fields, got {value!r}")
@@ -226,6 +286,11 @@ def _coerce(value: Any, tp: Any, where: str, default: Any = None) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"bad value for '{where}': expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, item_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"bad value for '{where}': expected a table, got {value!r}")
+        return {_coerce(k, key_tp, f"{where} (a key)"): _coerce(v, item_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"bad value for '{where}': expected true or false, got {value!r}")
@@ -237,6 +302,10 @@ def _coerce(value: Any, tp: Any, where: str, default: Any = None) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"bad value for '{where}': expected a number, got {value!r}")
+        # JSON overrides parse `NaN` and `Infinity`; every comparison with NaN is false, so range
+        # checks in __post_init__ would let it through, and no setting here means anything at inf.
+        if not math.isfinite(value):
+            raise ConfigError(f"bad value for '{where}': expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -266,7 +335,14 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | N
     for key, value in data.items():
         default = getattr(base, key) if base is not None else _field_default(fields[key])
         kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key, default)
-    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        # A section whose __post_init__ raises a plain error (or calls code that does): still a
+        # ConfigError, naming at least the section.
+        raise ConfigError(f"bad value in '{prefix or 'the top level'}': {exc}") from exc
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
@@ -274,9 +350,19 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return _from_dict(cls, data)
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested plain dict of a config (JSON-serialisable)."""
-    return dataclasses.asdict(cfg)
+    """Nested plain dict of a config (JSON-serialisable; enums as their values)."""
+    return _plain(dataclasses.asdict(cfg))
 
 
 def _read_file(path: str | Path) -> dict[str, Any]:
@@ -306,6 +392,10 @@ def _field_type(cls: type, dotted: str) -> Any:
     tp: Any = cls
     walked: list[str] = []
     for part in dotted.split("."):
+        if typing.get_origin(tp) is dict:  # one key of a free-form table
+            tp = typing.get_args(tp)[1]
+            walked.append(part)
+            continue
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"unknown config key '{dotted}' ('{'.'.join(walked)}' has no sub-keys)")
         hints = typing.get_type_hints(tp)
@@ -320,6 +410,8 @@ def _field_type(cls: type, dotted: str) -> Any:
 def _is_str_field(tp: Any) -> bool:
     if tp is str:
         return True
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return all(isinstance(m.value, str) for m in tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return str in typing.get_args(tp)
     if typing.get_origin(tp) is Literal:
@@ -345,6 +437,8 @@ def parse_override(cls: type, text: str) -> tuple[list[str], Any]:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
+        if tp is Any:  # a free-form value that is not JSON is the text as written
+            return key.split("."), raw
         raise ConfigError(f"bad value for '{key}': cannot parse {raw!r} ({exc.msg})") from exc
     return key.split("."), value
 
@@ -370,6 +464,30 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 def format_config(cfg: Any) -> str:
     """The config as indented JSON, for printing at start."""
     return json.dumps(config_to_dict(cfg), indent=2)
+
+
+def summarize_config(cfg: Any, saved_to: str | Path | None = None) -> str:
+    """A few lines for the start of a run: per section, the values that differ from the defaults
+    of `type(cfg)` (one line per section that has any); `saved_to` names the file with all of it."""
+    defaults = config_to_dict(type(cfg)())
+    lines = []
+    for section, values in config_to_dict(cfg).items():
+        base = defaults.get(section)
+        if not isinstance(values, dict):
+            if values != base:
+                lines.append(f"  {section}={values if isinstance(values, str) else json.dumps(values)}")
+            continue
+        changed = [
+            f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+            for key, value in values.items()
+            if not isinstance(base, dict) or base.get(key, object()) != value
+        ]
+        if changed:
+            lines.append(f"  {section}: {' '.join(changed)}")
+    where = f"; all of it in {saved_to}" if saved_to is not None else ""
+    if not lines:
+        return f"config: the {type(cfg).__name__} defaults{where}"
+    return f"config (what differs from the {type(cfg).__name__} defaults{where}):\n" + "\n".join(lines)
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:

@@ -8,6 +8,10 @@ shards with `fully_shard` over the gloo group as it does on GPUs. The tests rely
 
 Full state dicts come from `torch.distributed.checkpoint.state_dict.get_model_state_dict`:
 `Accelerator.get_state_dict` was seen returning wrong values for FSDP2 on CPU.
+
+Gradient accumulation: `accumulation_sync` picks, per micro-batch, whether gradients are reduced
+(`distributed.grad_accum_sync`; under FSDP2 the default reduce-scatters every micro-batch so a
+rank never holds more than its gradient shard). `gradient_bytes` measures what a rank holds.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from typing import NoReturn
 
 import torch
@@ -92,6 +97,60 @@ def make_accelerator(cfg: DistributedConfig, activation_checkpointing: bool = Fa
     return accelerator
 
 
+def accumulation_sync(
+    accelerator: Accelerator, model: torch.nn.Module, cfg: DistributedConfig, last: bool
+) -> AbstractContextManager:
+    """The context for one micro-batch's backward during gradient accumulation.
+
+    The last micro-batch of a step always reduces gradients across processes. Before it, DDP
+    skips the all-reduce (`no_sync`: its gradients are full-size on every rank anyway, so this
+    only saves communication). Under FSDP2 `cfg.grad_accum_sync` decides: "every_micro_batch"
+    (default) lets FSDP2 reduce-scatter after every backward, so a rank holds only its gradient
+    shard; "last_micro_batch" uses `no_sync`, which keeps the full unsharded gradients of every
+    parameter on every rank until the last backward. Both give the same gradients up to float
+    summation order. `model` is the prepared model.
+    """
+    if last:
+        return nullcontext()
+    if accelerator.is_fsdp2 and cfg.grad_accum_sync == "every_micro_batch":
+        return nullcontext()
+    return accelerator.no_sync(model)
+
+
+def gradient_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of gradient this process holds for `model` now, by kind (for measurements and tests).
+
+    "sharded": the `.grad` of every parameter, counting a DTensor's local shard only (under
+    FSDP2 a reduce-scattered gradient is a shard; a plain parameter's gradient counts whole).
+    "unsharded": FSDP2's full-size gradients kept between backward passes without a reduce
+    (`no_sync`), read from FSDP2's private per-parameter state (torch 2.13), since no public API
+    exposes them.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    sharded = 0
+    for p in model.parameters():
+        if p.grad is not None:
+            local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            sharded += local.numel() * local.element_size()
+    # Each FSDP parameter once: a module can hold the state of its own FSDP-wrapped parent.
+    fsdp_params = {
+        id(fsdp_param): fsdp_param
+        for module in model.modules()
+        if isinstance(module, FSDPModule)
+        for group in module._get_fsdp_state()._fsdp_param_groups
+        for fsdp_param in group.fsdp_params
+    }
+    unsharded = 0
+    for fsdp_param in fsdp_params.values():
+        kept = [fsdp_param.unsharded_accumulated_grad]
+        if hasattr(fsdp_param, "_unsharded_param"):
+            kept.append(fsdp_param._unsharded_param.grad)
+        unsharded += sum(g.numel() * g.element_size() for g in kept if g is not None)
+    return {"sharded": sharded, "unsharded": unsharded}
+
+
 def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
     """The model's full (unsharded) state dict on CPU, on rank 0; `{}` on the other ranks.
 
@@ -121,14 +180,18 @@ def all_reduce_sum(value: Tensor) -> Tensor:
     return out
 
 
-def shutdown() -> None:
+def shutdown(*, failed: bool = False) -> None:
     """Barrier, then destroy the process group.
 
     Without it two-process gloo runs sometimes aborted at interpreter exit ("terminate called
-    without an active exception") after finishing their work.
+    without an active exception") after finishing their work. `failed=True` (the run is ending
+    on an exception) skips the barrier: the other processes may be waiting in a collective this
+    one will never join, and a barrier against them would hang both for good; this process
+    exits instead, and the launcher stops the others.
     """
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -128,6 +128,15 @@ def configured_source(ctx: SourceContext) -> EpisodeSource | None:
     cfg = ctx.cfg
     if cfg.data.architecture == "membuilder" and cfg.reward.dense:
         return None
+    if cfg.data.architecture == "membuilder" and not cfg.reward.dense:
+        # The paper's sparse ablation, on policy: whole-conversation trajectories.
+        from trainers.conversation_episodes import conversation_source
+
+        return conversation_source(ctx)
+    if cfg.data.architecture == "longshort" and cfg.reward.dense:
+        from trainers.longshort_episodes import configured_longshort_source
+
+        return configured_longshort_source(ctx)
     raise ConfigError(
         f"data.architecture={cfg.data.architecture!r} with reward.dense={cfg.reward.dense} is not supported"
     )

@@ -11,28 +11,22 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from trainers.checkpoint import latest_checkpoint
 from trainers.config import CheckpointConfig, ModelConfig
 from trainers.distributed import barrier, is_main_process
+from trainers.run_dir import resolve_resume
 from trainers.tiny import save_tiny_policy
 
 logger = logging.getLogger(__name__)
 
 
 def resume_checkpoint(cfg: CheckpointConfig, checkpoints_dir: Path) -> Path | None:
-    """The checkpoint folder to resume from, or None for a fresh run."""
-    resume = cfg.resume
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = latest_checkpoint(checkpoints_dir)
-        if found is None:
-            logger.warning("checkpoint.resume=latest: no checkpoint under %s, starting fresh", checkpoints_dir)
-        return found
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a checkpoint folder")
-    return path
+    """The checkpoint folder to resume from, or None for a fresh run (also for "latest" when
+    there is none yet). A folder that is not a checkpoint is a `trainers.run_dir.RunDirError`.
+    The trainers go through `trainers.run_dir.start_run`, which also checks the saved config."""
+    found = resolve_resume(cfg.resume, checkpoints_dir)
+    if cfg.resume == "latest" and found is None:
+        logger.warning("checkpoint.resume=latest: no checkpoint under %s, starting fresh", checkpoints_dir)
+    return found
 
 
 def base_model_path(cfg: ModelConfig, output_dir: Path) -> Path:

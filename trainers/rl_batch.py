@@ -296,6 +296,25 @@ def tis_weights(
 
 KINDS = AGENTS  # dominant kinds are memory kinds
 
+# Roles other agent sets train (e.g. the long/short-term architecture's "splitter"), registered by
+# their episode source when it is built. Every process builds the same source, so every process
+# then reports the same per-role keys (their sums are all-reduced key by key).
+_EXTRA_ROLES: list[str] = []
+
+
+def register_roles(roles: Sequence[str]) -> None:
+    """Add roles whose per-role metrics `batch_counts` reports (idempotent; order kept)."""
+    for role in roles:
+        if not isinstance(role, str) or not role or "/" in role:
+            raise ValueError(f"a role name must be a non-empty string without '/', got {role!r}")
+        if role not in AGENTS and role not in _EXTRA_ROLES:
+            _EXTRA_ROLES.append(role)
+
+
+def metric_roles() -> tuple[str, ...]:
+    """The roles with per-role metrics: the four memory agents, then any registered role."""
+    return (*AGENTS, *_EXTRA_ROLES)
+
 
 @dataclass
 class BatchCounts:
@@ -307,18 +326,28 @@ class BatchCounts:
         self.values[key] = self.values.get(key, 0.0) + float(value)
 
 
-def batch_counts(samples: Sequence[Sample], groups: dict[str, int]) -> BatchCounts:
-    """Sums over the batch's samples with a fixed key set (every process must produce the same keys)."""
+def batch_counts(samples: Sequence[Sample], groups: dict[str, int], roles: Sequence[str] | None = None) -> BatchCounts:
+    """Sums over the batch's samples with a fixed key set (every process must produce the same keys).
+
+    Per-role keys are those of `roles` (default `metric_roles()`: the memory agents and the
+    registered roles); a sample of any other role is an error rather than a key that other
+    processes may not have.
+    """
     c = BatchCounts()
+    roles = tuple(metric_roles() if roles is None else roles)
     keys = ["samples", "scored", "reward_sum", "task_sum", "task_n", "valid_sum", "penalty_sum", "tokens_sum"]
     keys += ["truncated", "trained"] + [f"masked_{m.value}" for m in MaskReason]
-    keys += [f"{k}_{a}" for a in AGENTS for k in ("scored", "valid", "reward_sum")]
+    keys += [f"{k}_{a}" for a in roles for k in ("scored", "valid", "reward_sum")]
     keys += [f"dominant_{k}" for k in KINDS] + ["dominant_none", "groups", "zero_variance", "no_signal"]
     for k in keys:
         c.values[k] = 0.0
     for k in ("groups", "zero_variance", "no_signal"):
         c.add(k, groups.get(k, 0))
     candidates: set[tuple[str, int]] = set()
+    unknown = sorted({s.agent for s in samples} - set(roles))
+    if unknown:
+        raise ValueError(f"samples of roles {unknown} have no metric keys (roles: {list(roles)}); register them "
+                         "with trainers.rl_batch.register_roles")
     for s in samples:
         c.add("samples", 1)
         c.add("tokens_sum", s.num_tokens)
@@ -368,7 +397,9 @@ def counts_to_metrics(v: dict[str, float]) -> dict[str, float]:
     }
     for reason in MaskReason:
         m[f"batch/masked_{reason.value}"] = v[f"masked_{reason.value}"]
-    for a in AGENTS:
+    # Every role whose keys were summed (the memory agents, and any role a source registered).
+    roles = [k[len("scored_"):] for k in v if k.startswith("scored_")]
+    for a in roles:
         if v[f"scored_{a}"] > 0:
             m[f"reward/{a}/mean"] = v[f"reward_sum_{a}"] / v[f"scored_{a}"]
             m[f"reward/{a}/valid_rate"] = v[f"valid_{a}"] / v[f"scored_{a}"]

@@ -23,6 +23,7 @@ that contribute nothing), because under FSDP2 each forward gathers parameters co
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -197,6 +198,7 @@ def policy_update(
     lr = scheduler.get_last_lr()[0]
     model.train()
     updates = cfg.loss.updates_per_batch if step else 1
+    optimizer_s = 0.0  # clip + optimizer step, apart from forward/backward (adrpo_step.md)
     for update in range(updates):
         for k, mb in enumerate(batch.micro):
             last = k == len(batch.micro) - 1
@@ -226,6 +228,7 @@ def policy_update(
                 extremes = [max(extremes[0], m["ratio_max"]), max(extremes[1], -m["ratio_min"])]
         if not step:
             break
+        started = time.perf_counter()
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):
@@ -233,6 +236,7 @@ def policy_update(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        optimizer_s += time.perf_counter() - started
 
     device = batch.micro[0].old_logp.device
     keys = sorted(sums)
@@ -249,6 +253,7 @@ def policy_update(
             "train/ratio_min": -ext[1],
             "train/grad_norm": float(grad_norm),
             "train/lr": lr,
+            "time/optimizer_s": optimizer_s,
         }
     )
     if batch.micro[0].ref_logp is not None:

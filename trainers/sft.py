@@ -23,6 +23,9 @@ Run:
     accelerate launch trainers/sft.py --config sft.yaml
     accelerate launch --multi_gpu --num_processes 2 trainers/sft.py distributed.fsdp=true
     python trainers/sft.py --resume latest                   # continue from the latest checkpoint
+    python trainers/sft.py --overwrite                       # replace the run in the output dir
+
+One run per output folder (`trainers/run_dir.py`): a new run refuses a folder that holds a run.
 
 (`--multi_gpu` is Accelerate's flag for "start several processes"; it works on CPU-only machines.)
 From Python: `SFTTrainer(cfg).train()` or `train(cfg)`.
@@ -34,7 +37,6 @@ import argparse
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,13 +51,28 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from trainers.checkpoint import TrainState, load_checkpoint, load_policy, save_checkpoint
-from trainers.config import ConfigError, SFTConfig, format_config, load_config, save_config
-from trainers.distributed import all_reduce_sum, exit_launched_process, make_accelerator, shutdown
+from trainers.config import ConfigError, SFTConfig, load_config
+from trainers.distributed import (
+    accumulation_sync,
+    all_reduce_sum,
+    exit_launched_process,
+    make_accelerator,
+    shutdown,
+)
 from trainers.fused_loss import fused_token_nll
 from trainers.logprobs import DEFAULT_CHUNK_SIZE, lm_head_params
 from trainers.metrics import MetricsLogger, progress_bar
 from trainers.optim import build_optimizer, build_scheduler
-from trainers.recipe import base_model_path, resume_checkpoint
+from trainers.recipe import base_model_path
+from trainers.run_dir import (
+    USER_ERRORS,
+    finished_before_start,
+    finished_message,
+    quiet_library_bars,
+    report_results,
+    start_run,
+    user_error_exit,
+)
 from trainers.sft_data import (
     BUILTIN_PAIRS,
     IGNORE_INDEX,
@@ -165,12 +182,11 @@ class SFTTrainer:
             cfg.distributed, activation_checkpointing=cfg.train.gradient_checkpointing
         )
         set_seed(cfg.train.seed)
-        self.output_dir = Path(cfg.checkpoint.output_dir)
+        # One run per output folder; a resume must match the saved config (trainers/run_dir.py).
+        self.run = start_run(cfg, main_process=acc.is_main_process)
+        self.output_dir = self.run.output_dir
         self.checkpoints_dir = self.output_dir / "checkpoints"
-        resume = resume_checkpoint(cfg.checkpoint, self.checkpoints_dir)
-        if acc.is_main_process:
-            print(format_config(cfg), flush=True)
-            save_config(cfg, self.output_dir / "trainer_config.json")
+        resume = self.run.resume
 
         # Model and tokenizer; the weights come from the checkpoint when resuming.
         self.base_path = base_model_path(cfg.model, self.output_dir)
@@ -183,7 +199,9 @@ class SFTTrainer:
         # Data.
         if pairs is None:
             pairs = read_pairs(cfg.data.path) if cfg.data.path else list(BUILTIN_PAIRS)
-        self.examples = tokenize_pairs(self.tokenizer, pairs, cfg.data.max_length, cfg.data.truncation)
+        self.examples = tokenize_pairs(
+            self.tokenizer, pairs, cfg.data.max_length, cfg.data.truncation, cfg.data.chat_template_kwargs
+        )
         self.global_batch_size = cfg.train.batch_size * acc.num_processes * cfg.train.grad_accum_steps
         self.batches_per_epoch = math.ceil(len(self.examples) / self.global_batch_size)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.batches_per_epoch
@@ -199,7 +217,7 @@ class SFTTrainer:
                 resume, model=self.unwrapped_model, optimizer=self.torch_optimizer, scheduler=self.scheduler
             )
             if self.state.global_batch_size != self.global_batch_size:
-                raise ValueError(
+                raise ConfigError(
                     f"{resume} was trained with a global batch of {self.state.global_batch_size} examples, this "
                     f"run has {self.global_batch_size}; the position in the data would not carry over"
                 )
@@ -234,8 +252,8 @@ class SFTTrainer:
         for a, batch in enumerate(batches):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             last = a == len(batches) - 1
-            # Gradients are reduced across processes only on the last micro-batch.
-            with nullcontext() if last else acc.no_sync(self.model):
+            # DDP reduces on the last micro-batch only; FSDP2 as `distributed.grad_accum_sync` says.
+            with accumulation_sync(acc, self.model, cfg.distributed, last):
                 nll = head_target_nll_sum(
                     self.unwrapped_model,
                     batch["input_ids"],
@@ -329,12 +347,19 @@ class SFTTrainer:
 
 
 def train(cfg: SFTConfig, pairs: list[SFTPair] | None = None) -> SFTResult:
-    """Run SFT to the end of `cfg`'s schedule (does not tear down the process group)."""
+    """Run SFT to the end of `cfg`'s schedule (does not tear down the process group). Process 0
+    then draws the training curves and prints where the metrics, curves and checkpoint went."""
     trainer = SFTTrainer(cfg, pairs)
+    main_process = trainer.accelerator.is_main_process
     try:
-        return trainer.train()
+        if main_process and trainer.state.step >= trainer.total_steps:
+            print(finished_message(trainer.output_dir, trainer.state.step, trainer.total_steps), flush=True)
+        result = trainer.train()
     finally:
         trainer.close()
+    if main_process:
+        report_results(cfg)
+    return result
 
 
 def parse_args(argv: list[str] | None = None) -> SFTConfig:
@@ -344,13 +369,23 @@ def parse_args(argv: list[str] | None = None) -> SFTConfig:
     parser.add_argument(
         "--resume", metavar="DIR|latest", help="checkpoint folder to resume from, or 'latest' under the output dir"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in the output dir (checkpoint.overwrite=true)"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (logging.progress_bar=false); the summary stays"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=1e-4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.path={args.data}")
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
+    if args.overwrite:
+        overrides.append("checkpoint.overwrite=true")
+    if args.no_progress:
+        overrides.append("logging.progress_bar=false")
     try:
         return load_config(SFTConfig, args.config, overrides)
     except ConfigError as exc:
@@ -359,12 +394,22 @@ def parse_args(argv: list[str] | None = None) -> SFTConfig:
 
 def main(argv: list[str] | None = None, *, exit_process: bool = False) -> None:
     """The command line. `exit_process` (the script) ends the process after a successful run with
-    `exit_launched_process`, which avoids an abort in gloo's teardown at interpreter exit."""
+    `exit_launched_process`, which avoids an abort in gloo's teardown at interpreter exit. A user
+    error (a bad config, an output dir that holds another run) prints one line and its cause and
+    exits with status 2; a resumed run that is already finished says so and exits 0."""
     cfg = parse_args(argv)
+    quiet_library_bars()
     try:
-        train(cfg)
-    except BaseException:
+        if not finished_before_start(cfg):
+            train(cfg)
+    except USER_ERRORS as exc:
         shutdown()
+        code = user_error_exit("sft.py", exc)
+        if exit_process:
+            exit_launched_process(code)
+        raise SystemExit(code) from None
+    except BaseException:
+        shutdown(failed=True)
         raise
     if exit_process:
         exit_launched_process(0)

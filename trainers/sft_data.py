@@ -2,10 +2,16 @@
 
 Rendering: the prompt is the chat template of the prompt messages with the generation prompt
 (`<|im_start|>assistant\\n` for ChatML); the target is what the template adds when the assistant
-turn is appended, up to and including the end-of-turn token (`<|im_end|>` = eos for Qwen and the
-tiny tokenizer); eos is appended when a template ends the turn without it. Prompt and target
-text are tokenized separately, as at generation time, where the prompt is tokenized and the model
-emits the target tokens. Labels are -100 on every prompt token.
+turn is appended, up to and including the end-of-turn token. The end-of-turn token is read off
+the template (`end_of_turn_token`), not assumed to be eos: a base model's tokenizer often has
+eos `<|endoftext|>` while its ChatML template ends turns with `<|im_end|>`, and the target must
+end where generation should stop, not run on into `<|im_end|>\\n<|endoftext|>`. Only a template
+that ends the turn without any special token gets eos appended. Template options (Qwen3's
+`enable_thinking=False`, `data.chat_template_kwargs` in the config) are passed to every render;
+the rollout renders RL prompts with the same options (`rollout.chat.render_prompt`) so the policy
+sees one prompt format. Prompt and target text are tokenized separately, as at generation time,
+where the prompt is tokenized and the model emits the target tokens. Labels are -100 on every
+prompt token.
 
 Batching: length-grouped, not packed. Each epoch shuffles the examples with a generator seeded
 by (seed, epoch), sorts chunks of `group_size` global batches by length and shuffles the batch
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -136,32 +143,104 @@ def read_pairs(path: str | Path) -> list[SFTPair]:
     return pairs
 
 
-def render_pair(tokenizer: PreTrainedTokenizerBase, pair: SFTPair) -> tuple[list[int], list[int]]:
-    """(prompt ids, target ids) of a pair; the target ends with the end-of-turn (eos) token."""
-    messages = list(pair.messages)
-    prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": pair.target}], tokenize=False
+def _apply_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool,
+                    kwargs: Mapping[str, Any]) -> str:
+    if tokenizer.chat_template is None:
+        raise SFTDataError("the tokenizer has no chat template to render the SFT pairs with")
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=generation_prompt, tokenize=False, **dict(kwargs)
     )
+
+
+def _split_reply(prompt_text: str, full_text: str) -> str:
+    """What the template adds for the assistant turn, or an error if the prompt is not a prefix."""
     if not full_text.startswith(prompt_text):
         raise SFTDataError(
             "the chat template renders the prompt differently once the assistant turn is appended, so "
             f"prompt and target cannot be separated; prompt ends {prompt_text[-60:]!r}, "
-            f"full text has {full_text[len(prompt_text) - 60 : len(prompt_text)]!r} there"
+            f"full text has {full_text[max(0, len(prompt_text) - 60) : len(prompt_text)]!r} there"
         )
-    target_text = full_text[len(prompt_text) :]
-    eos = tokenizer.eos_token
-    if eos is None:
-        raise SFTDataError("the tokenizer has no eos token to end the target with")
-    end = target_text.rfind(eos)
-    if end >= 0:
-        # What the template puts after the end-of-turn token (a newline in ChatML) is not part
-        # of the reply: generation stops at eos.
-        target_text = target_text[: end + len(eos)]
+    return full_text[len(prompt_text) :]
+
+
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> set[str]:
+    # all_special_tokens holds only the named roles (eos, pad, ...): ChatML's <|im_start|> and
+    # <|im_end|> are often plain added tokens flagged special.
+    found = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return found | set(tokenizer.all_special_tokens)
+
+
+_PROBE = ([{"role": "user", "content": "Say pong."}], "pong")
+
+
+def end_of_turn_token(
+    tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Mapping[str, Any] | None = None
+) -> str | None:
+    """The special token the chat template closes an assistant turn with, or None if it uses none.
+
+    Read off the template itself: a probe conversation is rendered with and without an assistant
+    reply, and the first special token after the reply text is the end of the turn (`<|im_end|>`
+    for ChatML whatever the tokenizer's eos is, `<|eot_id|>` for Llama 3). The answer is cached on
+    the tokenizer per template and options (safe to call concurrently: a race computes it twice).
+    """
+    kwargs = dict(chat_template_kwargs or {})
+    key = (
+        repr(tokenizer.chat_template),
+        json.dumps(kwargs, sort_keys=True, default=repr),
+        len(tokenizer.added_tokens_decoder),  # special tokens added later change the answer
+    )
+    cache = tokenizer.__dict__.setdefault("_sft_end_of_turn", {})
+    if key in cache:
+        return cache[key]
+    messages, reply = _PROBE
+    prompt_text = _apply_template(tokenizer, messages, True, kwargs)
+    full_text = _apply_template(tokenizer, messages + [{"role": "assistant", "content": reply}], False, kwargs)
+    added = _split_reply(prompt_text, full_text)
+    at = added.find(reply)
+    if at < 0:
+        raise SFTDataError(f"the chat template does not render an assistant reply as written: {added!r:.120}")
+    after = added[at + len(reply) :]
+    hits = [(after.find(tok), -len(tok), tok) for tok in _special_tokens(tokenizer) if tok in after]
+    eot = min(hits)[2] if hits else None  # the earliest; the longest of those starting together
+    cache[key] = eot
+    return eot
+
+
+def render_pair(
+    tokenizer: PreTrainedTokenizerBase, pair: SFTPair, chat_template_kwargs: Mapping[str, Any] | None = None
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, target ids) of a pair; the target ends with the end-of-turn token.
+
+    `chat_template_kwargs` are extra template variables (e.g. {"enable_thinking": False}); the
+    rollout must render prompts with the same ones. The end-of-turn token is the template's
+    (`end_of_turn_token`); eos is appended only when the template ends turns without one.
+    """
+    kwargs = dict(chat_template_kwargs or {})
+    messages = list(pair.messages)
+    prompt_text = _apply_template(tokenizer, messages, True, kwargs)
+    full_text = _apply_template(tokenizer, messages + [{"role": "assistant", "content": pair.target}], False, kwargs)
+    target_text = _split_reply(prompt_text, full_text)
+    eot = end_of_turn_token(tokenizer, kwargs)
+    if eot is not None:
+        end = target_text.rfind(eot)
+        if end < 0:
+            raise SFTDataError(
+                f"the chat template closed the probe turn with {eot!r} but not this pair's turn: {target_text[-80:]!r}"
+            )
+        # What the template puts after the end-of-turn token (a newline in ChatML, or eos) is not
+        # part of the reply: generation stops at the end of the turn.
+        target_text = target_text[: end + len(eot)]
+        end_id = tokenizer.convert_tokens_to_ids(eot)
+    else:
+        if tokenizer.eos_token_id is None:
+            raise SFTDataError("the chat template ends turns without a special token and the tokenizer has no eos")
+        end_id = tokenizer.eos_token_id
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     target_ids = tokenizer(target_text, add_special_tokens=False)["input_ids"]
-    if not target_ids or target_ids[-1] != tokenizer.eos_token_id:
-        target_ids = target_ids + [tokenizer.eos_token_id]
+    if eot is None and (not target_ids or target_ids[-1] != end_id):
+        target_ids = target_ids + [end_id]
+    if target_ids[-1] != end_id:
+        raise SFTDataError(f"the end-of-turn token {eot!r} does not tokenize to its own id {end_id}")
     return prompt_ids, target_ids
 
 
@@ -169,7 +248,11 @@ Truncation = Literal["truncate", "drop"]
 
 
 def tokenize_pair(
-    tokenizer: PreTrainedTokenizerBase, pair: SFTPair, max_length: int, truncation: Truncation = "truncate"
+    tokenizer: PreTrainedTokenizerBase,
+    pair: SFTPair,
+    max_length: int,
+    truncation: Truncation = "truncate",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[TokenizedExample | None, str]:
     """Tokenize one pair; returns (example or None when dropped, "ok" | "prompt_cut" | "dropped").
 
@@ -177,7 +260,7 @@ def tokenize_pair(
     an example whose target alone does not fit (at least one prompt token must precede it) is
     dropped under either policy.
     """
-    prompt_ids, target_ids = render_pair(tokenizer, pair)
+    prompt_ids, target_ids = render_pair(tokenizer, pair, chat_template_kwargs)
     status = "ok"
     if len(prompt_ids) + len(target_ids) > max_length:
         if truncation == "drop" or len(target_ids) >= max_length:
@@ -192,14 +275,18 @@ def tokenize_pair(
 
 
 def tokenize_pairs(
-    tokenizer: PreTrainedTokenizerBase, pairs: list[SFTPair], max_length: int, truncation: Truncation = "truncate"
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[SFTPair],
+    max_length: int,
+    truncation: Truncation = "truncate",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[TokenizedExample]:
     """Tokenize all pairs, warning once with the counts of cut and dropped examples."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     examples, cut, dropped = [], 0, 0
     for pair in pairs:
-        example, status = tokenize_pair(tokenizer, pair, max_length, truncation)
+        example, status = tokenize_pair(tokenizer, pair, max_length, truncation, chat_template_kwargs)
         cut += status == "prompt_cut"
         dropped += status == "dropped"
         if example is not None:

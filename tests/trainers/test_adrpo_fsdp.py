@@ -87,7 +87,7 @@ def _worker_main(out: Path, model_path: Path) -> None:
     try:
         _worker(out, model_path)
     except BaseException:
-        shutdown()
+        shutdown(failed=True)
         raise
     exit_launched_process(0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainers.checkpoint import TrainState, latest_checkpoint, list_checkpoints, read_train_state
+from trainers.checkpoint import TrainState, latest_checkpoint, list_checkpoints, load_checkpoint, read_train_state
 from trainers.config import SFTConfig, load_config
 from trainers.sft import SFTTrainer
 
@@ -152,6 +153,9 @@ def test_checkpoint_contents_load_back(base_model, tmp_path):
     assert read_train_state(ckpt) == trainer.state
     assert load_config(SFTConfig, ckpt / "trainer_config.json") == cfg
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank-00000.pt"]
+    # Model and optimizer state in torch.distributed.checkpoint form (one process: one file).
+    assert sorted(p.name for p in (ckpt / "dcp").iterdir()) == [".metadata", "__0_0.distcp"]
+    assert not (ckpt / "optimizer.pt").exists()
 
     model = AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32)
     trained = trainer.unwrapped_model.state_dict()
@@ -183,3 +187,42 @@ def test_resume_refuses_a_different_global_batch(base_model, tmp_path):
     with pytest.raises(ValueError, match="global batch of 4 examples, this run has 2"):
         SFTTrainer(cfg)
 
+
+def _to_previous_format(trainer: SFTTrainer, checkpoint: Path) -> None:
+    """Rewrite `checkpoint` as the previous format wrote it: the full optimizer state in optimizer.pt."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(
+        trainer.unwrapped_model, trainer.torch_optimizer, options=StateDictOptions(full_state_dict=True)
+    )
+    torch.save(full, checkpoint / "optimizer.pt")
+    shutil.rmtree(checkpoint / "dcp")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_previous_format_still_resumes_exactly(base_model, tmp_path):
+    full = SFTTrainer(_config(base_model, tmp_path / "full"))
+    full_result = full.train()
+    full.close()
+    first = SFTTrainer(_config(base_model, tmp_path / "split"))
+    first_result = first.train(stop_at=STOP_AT)
+    first.close()
+    _to_previous_format(first, first_result.checkpoint)
+    torch.manual_seed(12345)
+    cfg = _config(base_model, tmp_path / "split", "checkpoint.resume=latest")
+    resumed = SFTTrainer(cfg)
+    resumed_result = resumed.train()
+    resumed.close()
+    assert first_result.losses + resumed_result.losses == full_result.losses
+    _assert_identical(full, resumed)
+
+
+def test_a_checkpoint_without_state_is_refused_naming_both_formats(base_model, tmp_path):
+    trainer = SFTTrainer(_config(base_model, tmp_path, "train.max_steps=1"))
+    ckpt = trainer.train().checkpoint
+    trainer.close()
+    shutil.rmtree(ckpt / "dcp")
+    with pytest.raises(FileNotFoundError, match=r"dcp/ with \.metadata .*optimizer\.pt \(the previous format\)"):
+        load_checkpoint(
+            ckpt, model=trainer.unwrapped_model, optimizer=trainer.torch_optimizer, scheduler=trainer.scheduler
+        )

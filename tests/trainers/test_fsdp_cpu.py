@@ -5,10 +5,14 @@ One launch of this file as a worker (`python -m accelerate.commands.launch ... t
 tests below read them and compare with single-process references computed here:
   1. the decoder layers are sharded: each rank holds half of the rows of each layer weight;
   2. SFT with 2 x 2 examples per step gives the same losses and final weights as one process
-     with 4 examples per step, also across a checkpoint + resume in the middle;
+     with 4 examples per step, also across a checkpoint + resume in the middle, and exactly those
+     of the same two-process run without the interruption;
   3. `full_state_dict` equals the unsharded parameters (`DTensor.full_tensor()`) and the loaded
      weights, and the HF checkpoint saved under FSDP loads with `from_pretrained` and matches;
-  4. the toy GRPO loop raises the mean reward under FSDP2.
+  4. the toy GRPO loop raises the mean reward under FSDP2;
+  5. checkpoints hold model + optimizer state sharded (torch.distributed.checkpoint): each rank
+     wrote one file, and loading one reads this rank's file only, into DTensor shards; one
+     process resumes the same checkpoint with whole tensors, exactly.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ def _worker_sft(out: Path, model_path: Path) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Shard
 
+    from trainers.checkpoint import load_checkpoint
     from trainers.distributed import full_state_dict
     from trainers.sft import SFTTrainer
 
@@ -91,17 +96,68 @@ def _worker_sft(out: Path, model_path: Path) -> None:
     resumed.close()
     model = resumed.unwrapped_model
 
+    # (5) Load the final checkpoint again (it equals the current state), noting which stored
+    # items DCP's file reader reads, from which file (its private `_slice_file` sees each one).
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    checkpoint = Path(second.checkpoint)
+    read: dict[str, int] = {}
+    slice_file = FileSystemReader._slice_file
+
+    def counting_slice_file(self, stream, item):
+        read[item.relative_path] = read.get(item.relative_path, 0) + item.length
+        return slice_file(self, stream, item)
+
+    FileSystemReader._slice_file = counting_slice_file
+    try:
+        load_checkpoint(checkpoint, model=model, optimizer=resumed.torch_optimizer, scheduler=resumed.scheduler)
+    finally:
+        FileSystemReader._slice_file = slice_file
+    # The full optimizer state, for the one-process resume of this checkpoint (test below).
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full_optim = get_optimizer_state_dict(
+        model, resumed.torch_optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if rank == 0:
+        torch.save(full_optim, out / "final_optim.pt")
+    up_proj = model.model.layers[0].mlp.up_proj.weight
+    exp_avg = resumed.torch_optimizer.state[up_proj]["exp_avg"]
+    (out / f"resume-rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "read_bytes": read,
+                "files": {f.name: f.stat().st_size for f in sorted(checkpoint.rglob("*")) if f.is_file()},
+                "exp_avg_dtensor": isinstance(exp_avg, DTensor),
+                "exp_avg_full": list(exp_avg.shape),
+                "exp_avg_local": list(exp_avg.to_local().shape) if isinstance(exp_avg, DTensor) else None,
+                "trainable_params": sum(p.numel() for p in model.parameters()),
+            }
+        )
+    )
+
     # (3b) After training: full_state_dict against the unsharded parameters.
     final = full_state_dict(model)
     unsharded = {
         name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
         for name, p in model.named_parameters()
     }
+    # (6) The same run under FSDP2 without the interruption, for the exactness of the resume.
+    uninterrupted = SFTTrainer(_sft_config(model_path, out / "sft_uninterrupted", batch_size=2, max_steps=SFT_STEPS))
+    uninterrupted_losses = uninterrupted.train().losses
+    uninterrupted.close()
+    uninterrupted_params = {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for name, p in uninterrupted.unwrapped_model.named_parameters()
+    }
     if rank == 0:
-        torch.save({"full_state_dict": final, "unsharded": unsharded}, out / "final.pt")
+        torch.save(
+            {"full_state_dict": final, "unsharded": unsharded, "uninterrupted": uninterrupted_params}, out / "final.pt"
+        )
         (out / "sft.json").write_text(
             json.dumps(
                 {
+                    "uninterrupted_losses": uninterrupted_losses,
                     "losses": first.losses + second.losses,
                     "first_checkpoint": str(first.checkpoint),
                     "final_checkpoint": str(second.checkpoint),
@@ -136,7 +192,7 @@ def _worker_main(out: Path, model_path: Path) -> None:
         _worker_sft(out, model_path)
         _worker_grpo(out)
     except BaseException:
-        shutdown()
+        shutdown(failed=True)
         raise
     exit_launched_process(0)
 
@@ -245,6 +301,78 @@ def test_toy_grpo_learns_under_fsdp(fsdp_run):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert first < 0.05
     assert last > first + 0.2, rewards
+
+
+@pytest.mark.slow
+def test_checkpoint_state_is_sharded_and_each_rank_reads_its_own_shard(fsdp_run):
+    out, _ = fsdp_run
+    ranks = [json.loads((out / f"resume-rank{r}.json").read_text()) for r in (0, 1)]
+    files = ranks[0]["files"]
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= files.keys()
+    assert "optimizer.pt" not in files  # no full optimizer state is written any more
+    params = ranks[0]["trainable_params"]  # 525,056 (see test_fsdp_grad_sync.TINY_PARAMS)
+    # Each rank's file: its half of the weights (the tied head once) and of AdamW's two moments
+    # (float32), i.e. 3 * 4 bytes * params / 2 = 6 bytes per parameter, plus the replicated `step`
+    # counters (24 scalars, in one of the files) and about 1.5 KB of torch.save framing for each
+    # of its at most 24 + 3 * 24 items.
+    for r in (0, 1):
+        own = files[f"__{r}_0.distcp"]
+        assert 6 * params <= own < 6 * params + 96 * 2_000, (r, own)
+    for r, seen in enumerate(ranks):
+        # The loaded moments are DTensor shards: up_proj [384, 128] -> [192, 128] on each rank.
+        assert seen["exp_avg_dtensor"] and seen["exp_avg_full"] == [384, 128] and seen["exp_avg_local"] == [192, 128]
+        # It read all of its own file and, of the other file, at most the replicated `step`
+        # counters (24 scalar tensors, stored once): not the other rank's shard.
+        own, other = f"__{r}_0.distcp", f"__{1 - r}_0.distcp"
+        assert seen["read_bytes"][own] == files[own]
+        assert seen["read_bytes"].get(other, 0) < 0.05 * files[other]
+        # The previous format read the full optimizer state on every rank: 2 moments * 4 bytes
+        # * params = 8 bytes per parameter (4.2 MB here); now 6 per parameter (3.5 MB).
+        assert sum(seen["read_bytes"].values()) < 8 * params
+
+
+@pytest.mark.slow
+def test_two_process_resume_is_exact(fsdp_run):
+    out, _ = fsdp_run
+    sft = json.loads((out / "sft.json").read_text())
+    # Saved at step 4 and resumed from the sharded checkpoint: bit-identical losses and weights.
+    assert sft["losses"] == sft["uninterrupted_losses"] and len(sft["losses"]) == SFT_STEPS
+    final = torch.load(out / "final.pt", weights_only=True)
+    for name, value in final["uninterrupted"].items():
+        assert torch.equal(final["unsharded"][name], value), name
+
+
+@pytest.mark.slow
+def test_a_two_process_checkpoint_resumes_in_one_process(fsdp_run, tmp_path):
+    """DCP reshards: one process reads both ranks' shards into whole tensors, exactly."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from trainers.sft import SFTTrainer
+
+    out, model_path = fsdp_run
+    sft = json.loads((out / "sft.json").read_text())
+    cfg = _sft_config(model_path, tmp_path, batch_size=4, max_steps=SFT_STEPS)  # same global batch of 4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = SFTTrainer(replace(cfg, checkpoint=replace(cfg.checkpoint, resume=sft["final_checkpoint"])))
+        trainer.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert trainer.state.step == SFT_STEPS
+    final = torch.load(out / "final.pt", weights_only=True)["unsharded"]
+    for name, p in trainer.unwrapped_model.named_parameters():
+        assert torch.equal(p.detach(), final[name]), name
+    expected = torch.load(out / "final_optim.pt", weights_only=True)["state"]
+    got = get_optimizer_state_dict(
+        trainer.unwrapped_model, trainer.torch_optimizer, options=StateDictOptions(full_state_dict=True)
+    )["state"]
+    assert got.keys() == expected.keys() and len(got) == 24  # every parameter, the tied head once
+    for name, state in expected.items():
+        assert state.keys() == got[name].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for key, value in state.items():
+            assert torch.equal(got[name][key], value), (name, key)
+
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     _worker_main(Path(sys.argv[2]), Path(sys.argv[3]))

@@ -491,7 +491,7 @@ def _worker_main(out: Path) -> None:
             torch.save({k: v["grads"] for k, v in result.items()}, out / "grads.pt")
             (out / "run.json").write_text(json.dumps({"losses": losses, "sharded": sharded, "world": world}))
     except BaseException:
-        shutdown()
+        shutdown(failed=True)
         raise
     exit_launched_process(0)
 

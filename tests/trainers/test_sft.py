@@ -250,9 +250,15 @@ def test_sft_script_end_to_end(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    # The config is printed first, as JSON.
-    printed, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{") :])
-    assert printed["train"]["max_steps"] == 12 and printed["data"]["path"] == str(data)
+    # The config is printed first, compactly (one line per section with non-default values), and
+    # saved in full; the run ends with where its results went, the checkpoint last.
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"config (what differs from the SFTConfig defaults; all of it in {out / 'trainer_config.json'}):"
+    assert f"  data: path={data}" in lines and "  train: batch_size=3 max_steps=12" in lines
+    saved = json.loads((out / "trainer_config.json").read_text())
+    assert saved["train"]["max_steps"] == 12 and saved["data"]["path"] == str(data) and saved["optim"]["lr"] == 3e-3
+    assert lines[-1] == f"checkpoint: {out / 'checkpoints' / 'step-000012'} (model: {out / 'checkpoints' / 'step-000012' / 'model'})"
+    assert (out / "training_curves.png").stat().st_size > 1000
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 1.0
