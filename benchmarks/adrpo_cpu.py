@@ -12,11 +12,10 @@ locally) so that 2 shared CPU cores finish in minutes:
 4. measure the SFT checkpoint;
 5. ADRPO from the SFT checkpoint (`trainers.adrpo.ADRPOTrainer`, transformers engine, in-process
    reward, attribution alpha = 4 by default), measure;
-6. the same ADRPO run with attribution off (alpha = 1), measure.
-
-Sparse rewards are not run: the trainer's `reward` section has no `dense` switch and its requests
-are single sessions (`trainers.rl_batch.build_requests`), not whole conversations, which the
-paper's sparse reward (`reward.config.RewardConfig.dense=False`) needs.
+6. the same ADRPO run with attribution off (alpha = 1), measure;
+7. (`--add-sparse`, from the SFT checkpoint of an earlier run) the sparse-reward ablation:
+   `reward.dense=false`, whole conversations rolled out on policy, one task reward per trajectory
+   from its final memory, as many steps as see the dense run's number of sessions; measure.
 
 Every measurement uses the same sampling (temperature, top-p, max tokens, G, seed) as the ADRPO
 rollouts. Writes `<out>/results.json`, `<out>/reward_curves.png` and, with --results-md, the
@@ -171,15 +170,22 @@ def run_sft(base: Path, pairs: Path, out: Path, sizes: Sizes) -> tuple[Path, lis
     return result.checkpoint / "model", result.losses, time.perf_counter() - started
 
 
-def run_adrpo(start: Path, data: Path, out: Path, sizes: Sizes, alpha: float) -> tuple[Path, list[dict], float]:
+def run_adrpo(start: Path, data: Path, out: Path, sizes: Sizes, alpha: float, *, sparse: bool = False
+              ) -> tuple[Path, list[dict], float]:
+    """ADRPO from `start`. `sparse`: the paper's sparse ablation (`reward.dense=false`): a step takes
+    whole conversations rolled out on policy, as many steps as see the dense run's number of sessions."""
     from trainers.adrpo import ADRPOTrainer
 
-    cfg = load_config(ADRPOConfig, overrides=[
+    steps, per_step = sizes.adrpo_steps, sizes.sessions_per_step
+    if sparse:
+        per_step = max(1, per_step // sizes.sessions)
+        steps = math.ceil(sizes.adrpo_steps * sizes.sessions_per_step / (per_step * sizes.sessions))
+    cfg = load_config(ADRPOConfig, overrides=[f"reward.dense={str(not sparse).lower()}",
         f"model.path={start}", f"data.path={data}", f"checkpoint.output_dir={out}",
         "rollout.engine=transformers", f"rollout.group_size={sizes.group_size}",
         f"rollout.max_tokens={sizes.max_tokens}", f"rollout.temperature={sizes.temperature}",
-        f"rollout.top_p={sizes.top_p}", f"data.sessions_per_step={sizes.sessions_per_step}",
-        f"train.max_steps={sizes.adrpo_steps}", f"optim.lr={sizes.adrpo_lr}", f"loss.beta={sizes.beta}",
+        f"rollout.top_p={sizes.top_p}", f"data.sessions_per_step={per_step}",
+        f"train.max_steps={steps}", f"optim.lr={sizes.adrpo_lr}", f"loss.beta={sizes.beta}",
         f"reward.alpha={alpha}", f"train.seed={sizes.seed}", "train.gradient_checkpointing=false",
         "checkpoint.every_steps=0", "checkpoint.keep_last=1", "logging.tensorboard=false",
     ])
@@ -294,6 +300,30 @@ def memory_main(args: argparse.Namespace, out: Path) -> dict:
     return results
 
 
+def sparse_main(args: argparse.Namespace, out: Path) -> dict:
+    """The sparse-reward ablation from an earlier run's SFT checkpoint (same sizes); adds it to the results."""
+    from trainers.prepare_data import prepare_world
+
+    results = json.loads((out / "results.json").read_text())
+    sizes = Sizes(**results["sizes"])
+    # The data folder is re-prepared when it predates conversations.jsonl (same seed: same data).
+    prepared = prepare_world(out / "data", seed=sizes.seed, conversations=sizes.conversations,
+                             sessions=sizes.sessions, tokenizer=str(out / "base_model"),
+                             heldout_fraction=sizes.heldout_fraction)
+    rl_set = read_rl_rows(prepared.out / "rl.parquet")
+    shutil.rmtree(out / "adrpo_sparse", ignore_errors=True)
+    model, metrics, wall = run_adrpo(Path(results["checkpoints"]["sft"]), prepared.out / "rl.parquet",
+                                     out / "adrpo_sparse", sizes, alpha=4.0, sparse=True)
+    name = "sft+adrpo sparse (alpha 4)"
+    results["checkpoints"][name] = str(model)
+    results["stages"][name] = measure(model, list(rl_set.rows), rl_set.snapshots_dir, sizes)
+    results["walls_s"]["adrpo_sparse"] = wall
+    results["adrpo_metrics"]["sparse"] = metrics
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print(stage_table(results["stages"]))
+    return results
+
+
 def stage_table(stages: dict[str, dict]) -> str:
     """The Markdown table: policy stage x validity rate, mean task reward, mean reward."""
     lines = ["| policy | validity rate | mean task reward | mean reward "
@@ -346,6 +376,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Sizes
     p.add_argument("--memory-conversations", type=int, default=5,
                    help="--memory-only: the first N world conversations (held-out ones are reported apart)")
     p.add_argument("--no-alpha1", action="store_true", help="skip the attribution-off (alpha = 1) run")
+    p.add_argument("--add-sparse", action="store_true",
+                   help="run the sparse-reward ablation (reward.dense=false) from the SFT checkpoint of an earlier "
+                        "run in --out and add it to its results.json")
     a = p.parse_args(argv)
     sizes = Sizes(a.conversations, a.sessions, a.heldout_fraction, a.group_size, a.max_tokens, a.temperature,
                   a.top_p, a.sft_steps, a.sft_batch, a.sft_lr, a.sft_max_length, a.adrpo_steps,
@@ -362,7 +395,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     if args.memory_only:
         return memory_main(args, out)
-    for stale in ("sft", "adrpo", "adrpo_alpha1"):
+    if args.add_sparse:
+        return sparse_main(args, out)
+    for stale in ("sft", "adrpo", "adrpo_alpha1", "adrpo_sparse"):
         shutil.rmtree(out / stale, ignore_errors=True)
     total = time.perf_counter()
     walls: dict[str, float] = {}

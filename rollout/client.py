@@ -60,8 +60,12 @@ class RemoteEngine:
         api_key: str | None = None,
         timeout_s: float = 3600,
         max_concurrency: int = 64,  # unused since generate() sends one request; kept for callers
+        chat_template_kwargs: dict[str, Any] | None = None,
     ):
         self.base_url = base_url.rstrip("/")
+        # Chat-template variables sent with every request (e.g. {"enable_thinking": False}), over
+        # the server's own defaults: the policy sees the prompts SFT rendered.
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.api_key, self.timeout_s, self.max_concurrency = api_key, timeout_s, max_concurrency
         self.model = model or self.request("GET", "/v1/models")["data"][0]["id"]
         self._transport: WeightTransport | None = None
@@ -101,6 +105,8 @@ class RemoteEngine:
             "prompts": [p if isinstance(p, str) else [dict(m) if isinstance(m, dict) else m for m in p] for p in prompts],
             "params": distinct[per_prompt[0]] if len(distinct) == 1 else [distinct[p] for p in per_prompt],
         }
+        if self.chat_template_kwargs:
+            body["chat_template_kwargs"] = self.chat_template_kwargs
         out = self.request("POST", "/v1/generate", body)
         return [
             [

@@ -12,10 +12,11 @@ SmolLM2-135M-Instruct and the generated world. The command line without `--confi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from reward.types import AGENTS
 from trainers.config import (
+    _check_template_kwargs,
     CheckpointConfig,
     ConfigError,
     _check_seed,
@@ -89,8 +90,12 @@ class RolloutConfig:
     tis_cap: float = 2.0
     # Drop completions cut at max_tokens from the loss (their rewards still count in the group).
     mask_truncated: bool = False
+    # Chat-template variables for rendering the agent prompts (e.g. {"enable_thinking": false} for
+    # Qwen3); the same as the SFT run's `data.chat_template_kwargs`, so the policy sees the same prompts.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        _check_template_kwargs(self.chat_template_kwargs, "rollout.chat_template_kwargs")
         _check(self.group_size >= 2, f"rollout.group_size must be >= 2, got {self.group_size}")
         _check(self.temperature > 0, f"rollout.temperature must be > 0 (the trainer divides by it), got {self.temperature}")
         _check(0 < self.top_p <= 1, f"rollout.top_p must lie in (0, 1], got {self.top_p}")

@@ -33,7 +33,8 @@ def build_engine(cfg: RolloutConfig, weights_path: str | Path, *, seed: int = 0)
         from rollout.hf_engine import HFEngine
 
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        return HFEngine(weights_path, dtype=torch.float32, device=device, max_batch_size=cfg.max_batch_size)
+        return HFEngine(weights_path, dtype=torch.float32, device=device, max_batch_size=cfg.max_batch_size,
+                        chat_template_kwargs=cfg.chat_template_kwargs)
     if cfg.engine == "vllm":
         from rollout.vllm_engine import VLLMEngine
 
@@ -44,11 +45,12 @@ def build_engine(cfg: RolloutConfig, weights_path: str | Path, *, seed: int = 0)
             seed=seed,
             max_model_len=cfg.max_model_len,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            chat_template_kwargs=cfg.chat_template_kwargs,
         )
     from rollout.client import RemoteEngine
 
     try:
-        engine = RemoteEngine(cfg.url, timeout_s=cfg.timeout_s)
+        engine = RemoteEngine(cfg.url, timeout_s=cfg.timeout_s, chat_template_kwargs=cfg.chat_template_kwargs)
     except OSError as exc:
         raise ConnectionError(f"rollout.url={cfg.url}: the rollout server does not answer ({exc})") from exc
     return engine

@@ -74,6 +74,7 @@ from trainers.run_dir import (
     user_error_exit,
 )
 from trainers.sft_data import (
+    stop_at_end_of_turn,
     BUILTIN_PAIRS,
     IGNORE_INDEX,
     SFTPair,
@@ -192,6 +193,7 @@ class SFTTrainer:
         self.base_path = base_model_path(cfg.model, self.output_dir)
         model, self.tokenizer = load_policy(self.base_path, cfg.model, cfg.lora, checkpoint=resume)
         model.config.use_cache = False
+        stop_at_end_of_turn(model, self.tokenizer, cfg.data.chat_template_kwargs)
         if cfg.train.gradient_checkpointing and not acc.is_fsdp2:
             # Under FSDP2 the plugin checkpoints each decoder layer instead.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

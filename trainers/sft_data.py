@@ -206,6 +206,27 @@ def end_of_turn_token(
     return eot
 
 
+def stop_at_end_of_turn(model, tokenizer: PreTrainedTokenizerBase,
+                        chat_template_kwargs: Mapping[str, Any] | None = None) -> None:
+    """Add the template's end-of-turn token to the model's generation-config eos ids.
+
+    SFT teaches the model to end its reply with the end-of-turn token (`render_pair`); when that
+    is not the tokenizer's eos (a base model's `<|endoftext|>` with ChatML turns), generation must
+    stop there too, or every rollout runs to max_tokens. The checkpoint's generation_config.json
+    then carries it to `from_pretrained`, vLLM and the rollout engines, as instruct models ship it.
+    """
+    eot = end_of_turn_token(tokenizer, chat_template_kwargs)
+    config = getattr(model, "generation_config", None)
+    if eot is None or config is None:
+        return
+    before = config.eos_token_id
+    ids = [] if before is None else [before] if isinstance(before, int) else list(before)
+    for extra in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(eot)):
+        if extra is not None and extra not in ids:
+            ids.append(extra)
+    config.eos_token_id = ids[0] if len(ids) == 1 else ids
+
+
 def render_pair(
     tokenizer: PreTrainedTokenizerBase, pair: SFTPair, chat_template_kwargs: Mapping[str, Any] | None = None
 ) -> tuple[list[int], list[int]]:

@@ -23,15 +23,6 @@ from trainers.rl_batch import Sample
 from trainers.rl_step import policy_update, prepare_policy_batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops gain nothing from a second intra-op thread, which only spins on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> Path:
     from trainers.tiny import save_tiny_policy

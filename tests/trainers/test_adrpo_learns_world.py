@@ -3,18 +3,10 @@
 Everything on the reward side is what a real run uses: `prepare_world` (world expert, exact QA,
 snapshots of the states before), `trainers.engines.build_reward` (reward library, extractive
 answerer, rule judge, validity gate, expert-length penalty, attribution alpha 4), the transformers
-rollout engine, the dense session episodes. Two things are shrunk so that a 0.5M-parameter model
-on one CPU core can show it within minutes:
-
-- Prompts are short keys ("episodic memory, world-0-000 world-0-000-s2") instead of ~2,500-token
-  agent prompts: a tiny model cannot read a session, but it can tell sessions apart by key. The
-  reward never reads the prompt, so the task is unchanged: write operations for this session
-  whose memory answers its questions.
-- The starting policy is a tiny model fine-tuned (in the test, a few hundred steps of plain
-  next-token loss) on three answers per prompt: the session's own expert operations, another
-  session's expert operations (valid JSON, wrong facts: lower task reward) and the own expert's
-  first half (invalid JSON: reward 0). It samples all three, so groups have reward variance, and
-  what ADRPO has to learn is real: which of its behaviours the session reward prefers.
+rollout engine, the dense session episodes. The prompts and the starting policy are shrunk so
+that a 0.5M-parameter model on one CPU core shows it within minutes (`trainers.tiny_world`:
+short keyed prompts; a warm start that samples the own expert's operations, another session's,
+or broken JSON).
 
 Measured on the development machine (16 steps of 6 sessions x 2 agents x G = 8): mean reward
 0.062 -> 0.163, validity 0.43 -> 0.98, task reward 0.142 -> 0.167 (first -> last step).
@@ -22,65 +14,12 @@ Measured on the development machine (16 steps of 6 sessions x 2 agents x G = 8):
 
 from __future__ import annotations
 
-import random
-from dataclasses import replace
-
 import pytest
-import torch
 
 WORLD_CONVERSATIONS, WORLD_SESSIONS = 2, 3
 AGENTS = ["episodic", "semantic"]
 SFT_STEPS, SFT_LR = 2000, 1e-2
 RL_STEPS = 16
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _keyed_rows(rows):
-    """Each row's prompt replaced by a short key naming its agent and session."""
-    return [
-        replace(r, prompt=({"role": "user", "content": f"{r.agent} memory, {r.conversation_id} {r.session_id}"},))
-        for r in rows
-        if r.agent in AGENTS
-    ]
-
-
-def _warm_start(model_dir, rows, out):
-    """The starting policy: own expert / another session's expert / broken own expert, per prompt."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trainers.sft_data import SFTPair, render_pair
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    pairs = []
-    for i, row in enumerate(rows):
-        others = [o for o in rows if o.agent == row.agent and o.expert_output != row.expert_output]
-        targets = [row.expert_output]
-        if others:
-            targets.append(others[i % len(others)].expert_output)
-        targets.append(row.expert_output[: len(row.expert_output) // 2])
-        for target in targets:
-            pairs.append(render_pair(tokenizer, SFTPair(messages=tuple(row.prompt), target=target)))
-    random.Random(0).shuffle(pairs)
-    opt = torch.optim.AdamW(model.parameters(), lr=SFT_LR)
-    for step in range(SFT_STEPS):
-        prompt, target = pairs[step % len(pairs)]
-        ids = torch.tensor([prompt + target])
-        labels = torch.tensor([[-100] * len(prompt) + target])
-        model(input_ids=ids, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.mark.slow
@@ -91,14 +30,15 @@ def test_adrpo_raises_validity_reward_and_task_reward_on_the_world(tmp_path):
     from trainers.data.rl_rows import read_rl_rows
     from trainers.prepare_data import prepare_world
     from trainers.tiny import save_tiny_policy
+    from trainers.tiny_world import keyed_rows, warm_start
 
     base = save_tiny_policy(tmp_path / "base", seed=0)
     prepare_world(tmp_path / "data", conversations=WORLD_CONVERSATIONS, sessions=WORLD_SESSIONS,
                   tokenizer=str(base), heldout_fraction=0.0)  # fmt: skip
-    rows = _keyed_rows(read_rl_rows(tmp_path / "data" / "rl.parquet").rows)
+    rows = keyed_rows(read_rl_rows(tmp_path / "data" / "rl.parquet").rows, AGENTS)
     sessions = {(r.conversation_id, r.session_id) for r in rows}
     assert len(sessions) == WORLD_CONVERSATIONS * WORLD_SESSIONS
-    start = _warm_start(base, rows, tmp_path / "start")
+    start = warm_start(base, rows, tmp_path / "start", steps=SFT_STEPS, lr=SFT_LR)
 
     cfg = tiny_config(
         start, tmp_path / "rl",

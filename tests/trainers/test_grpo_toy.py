@@ -13,18 +13,8 @@ def test_target_share_reward():
     assert target_share_reward(completions, torch.tensor([5, 7])).tolist() == [0.75, 0.0]
 
 
-@pytest.fixture
-def one_thread():
-    # The tiny model's matmuls are too small to gain from a second thread, and on a shared 2-core
-    # machine intra-op threads spin against other processes: 3 s on one thread took 48 s on two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_mean_reward_rises(one_thread):
+def test_mean_reward_rises():
     torch.manual_seed(0)
     model, tokenizer = build_tiny_policy(seed=0)
     # 32 of the 1,024 ids: an untrained model emits them about 3% of the time.

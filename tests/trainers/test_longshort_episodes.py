@@ -31,14 +31,6 @@ AUSTIN = "Dalia lives in Austin."
 PIXEL = "Noor has a parrot named Pixel."
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ScriptedEngine:
     """Answers call k with `calls[k]`: per prompt, its n texts (checked against what is asked)."""
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,14 +42,6 @@ from trainers.tiny import train_tokenizer
 
 LOCOMO = default_data_dir() / "locomo" / "locomo10.json"
 needs_locomo = pytest.mark.skipif(not LOCOMO.is_file(), reason="LoCoMo not in the shared data folder")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

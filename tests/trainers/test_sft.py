@@ -32,16 +32,6 @@ from trainers.tiny import train_tokenizer
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny model's ops are too small to gain from a second intra-op thread, and on a shared
-    # 2-core machine such threads spin against other processes (1 s runs took 15-20 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer()

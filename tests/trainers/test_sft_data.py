@@ -4,6 +4,8 @@ SFT prompt is token for token what the rollout renders for the same messages and
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -173,5 +175,10 @@ def test_the_sft_trainer_renders_with_the_configured_options(tmp_path):
         (example,) = trainer.examples
         assert [t for t in example.labels if t != IGNORE_INDEX] == [O, K, IM_END]
         assert trainer.tokenizer.decode(example.input_ids).endswith("<think>\n\n</think>\n\nok<|im_end|>")
+        # Generation stops at the end of the turn too, not only at the tokenizer's eos: the
+        # checkpoint's generation config carries both (what engines and vLLM read).
+        checkpoint = trainer.train().checkpoint
     finally:
         trainer.close()
+    saved = json.loads((checkpoint / "model" / "generation_config.json").read_text())
+    assert sorted(saved["eos_token_id"]) == [ENDOFTEXT, IM_END]

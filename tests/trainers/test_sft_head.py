@@ -12,14 +12,6 @@ from trainers.sft_data import IGNORE_INDEX, SFTPair, collate, tokenize_pairs
 from trainers.tiny import build_tiny_policy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def policy():
     return build_tiny_policy(seed=0)

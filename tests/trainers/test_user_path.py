@@ -16,14 +16,6 @@ from trainers.metrics import read_metrics
 from trainers.tiny import save_tiny_policy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _weights(path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
 
