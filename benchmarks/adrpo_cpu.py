@@ -25,6 +25,9 @@ Markdown report.
         --results-md benchmarks/results/adrpo_cpu.md
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python -m benchmarks.adrpo_cpu --out runs/adrpo_cpu --memory-only
 
+`--dataset locomo` runs the same path on LoCoMo read from the data folder (never shipped): the
+annotation expert's operations as SFT targets and expert lengths, QA from the dataset's evidence.
+
 `--memory-only` evaluates, with `benchmarks.eval_memory`, the memory that RAG and each stage's
 checkpoint build on the first N world conversations (each checkpoint served by `rollout.server`,
 the runner's `--builder MODEL --base-url` pointed at it), reporting the held-out conversations
@@ -354,6 +357,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Sizes
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/adrpo_cpu", help="working folder (reused data; runs are redone)")
     p.add_argument("--results-md", help="write the Markdown report here (PNG beside it)")
+    p.add_argument("--dataset", choices=["world", "locomo"], default="world",
+                   help="world: the bundled generator; locomo: LoCoMo from the data folder (annotation expert)")
     p.add_argument("--conversations", type=int, default=10)
     p.add_argument("--sessions", type=int, default=4, help="sessions per world conversation")
     p.add_argument("--heldout-fraction", type=float, default=0.2)
@@ -404,9 +409,19 @@ def main(argv: list[str] | None = None) -> dict:
     stages: dict[str, dict] = {}
 
     t = time.perf_counter()
-    base = save_tiny_policy(out / "base_model", seed=sizes.seed)
-    prepared = prepare_world(out / "data", seed=sizes.seed, conversations=sizes.conversations,
-                             sessions=sizes.sessions, tokenizer=str(base), heldout_fraction=sizes.heldout_fraction)
+    # LoCoMo sessions with their agent prompts run to ~5-9k tokens in the tiny tokenizer.
+    context = {"max_position_embeddings": 16384} if args.dataset == "locomo" else {}
+    base = save_tiny_policy(out / "base_model", seed=sizes.seed, **context)
+    if args.dataset == "world":
+        prepared = prepare_world(out / "data", seed=sizes.seed, conversations=sizes.conversations,
+                                 sessions=sizes.sessions, tokenizer=str(base), heldout_fraction=sizes.heldout_fraction)
+    else:  # LoCoMo from the data folder, the annotation expert, QA from the dataset's evidence
+        from trainers.prepare_data import PrepareSettings, prepare
+
+        prepared = prepare(PrepareSettings(
+            dataset="locomo", expert="annotation", out=str(out / "data"), conversations=sizes.conversations,
+            sessions=sizes.sessions, tokenizer=str(base), max_length=None, heldout_fraction=sizes.heldout_fraction,
+            seed=sizes.seed, resume=True, progress=False))  # fmt: skip
     rl_set = read_rl_rows(prepared.out / "rl.parquet")
     rows = list(rl_set.rows)
     kept, dropped = heldout_free_pairs(prepared.out / "sft.jsonl", rows, out / "sft_train.jsonl")
