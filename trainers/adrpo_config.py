@@ -16,15 +16,15 @@ from typing import Any, Literal
 
 from reward.types import AGENTS
 from trainers.config import (
-    _check_template_kwargs,
     CheckpointConfig,
     ConfigError,
-    _check_seed,
     DistributedConfig,
     LoggingConfig,
     LoraConfig,
     ModelConfig,
     OptimConfig,
+    check_seed,
+    check_template_kwargs,
 )
 from trainers.losses import Aggregation, PolicyLossConfig
 
@@ -95,7 +95,7 @@ class RolloutConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        _check_template_kwargs(self.chat_template_kwargs, "rollout.chat_template_kwargs")
+        check_template_kwargs(self.chat_template_kwargs, "rollout.chat_template_kwargs")
         _check(self.group_size >= 2, f"rollout.group_size must be >= 2, got {self.group_size}")
         _check(self.temperature > 0, f"rollout.temperature must be > 0 (the trainer divides by it), got {self.temperature}")
         _check(0 < self.top_p <= 1, f"rollout.top_p must lie in (0, 1], got {self.top_p}")
@@ -235,7 +235,7 @@ class ADRPOTrainConfig:
     def __post_init__(self):
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _check(self.max_steps > 0 or self.epochs >= 1, "train.epochs must be >= 1 (or set max_steps)")
-        _check_seed(self.seed, "train.seed")
+        check_seed(self.seed, "train.seed")
 
 
 @dataclass

@@ -46,7 +46,7 @@ def _check(condition: bool, message: str) -> None:
 SEED_LIMIT = 2**32
 
 
-def _check_seed(seed: int, key: str) -> None:
+def check_seed(seed: int, key: str) -> None:
     _check(0 <= seed < SEED_LIMIT, f"{key} must be in [0, 2**32), got {seed}")
 
 
@@ -68,7 +68,7 @@ class ModelConfig:
     tiny_seed: int = 0
 
     def __post_init__(self):
-        _check_seed(self.tiny_seed, "model.tiny_seed")
+        check_seed(self.tiny_seed, "model.tiny_seed")
 
 
 @dataclass
@@ -136,10 +136,10 @@ class DataConfig:
 
     def __post_init__(self):
         _check(self.max_length >= 2, f"data.max_length must be >= 2, got {self.max_length}")
-        _check_template_kwargs(self.chat_template_kwargs, "data.chat_template_kwargs")
+        check_template_kwargs(self.chat_template_kwargs, "data.chat_template_kwargs")
 
 
-def _check_template_kwargs(kwargs: dict[str, Any], key: str) -> None:
+def check_template_kwargs(kwargs: dict[str, Any], key: str) -> None:
     # apply_chat_template takes these as keyword arguments next to its own: a clash would
     # silently change how the prompt is rendered (or raise a TypeError deep inside transformers).
     reserved = {"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
@@ -167,7 +167,7 @@ class TrainConfig:
         _check(
             self.max_steps > 0 or self.epochs >= 1, f"train.epochs must be >= 1 (or set max_steps), got {self.epochs}"
         )
-        _check_seed(self.seed, "train.seed")
+        check_seed(self.seed, "train.seed")
 
 
 @dataclass

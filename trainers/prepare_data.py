@@ -120,6 +120,9 @@ class PrepareSettings:
     tokenizer: str = "smollm2"
     max_length: int | None = 8192  # SFT pair limit in policy tokens (SmolLM2's context); None: no limit
     overlong: Literal["shorten", "skip"] = "shorten"
+    # Chat-template options SFT will render with (its `data.chat_template_kwargs`), so that pair
+    # lengths are counted as SFT sees them.
+    chat_template_kwargs: dict | None = None
     heldout_fraction: float = 0.1
     seed: int = 0
     embedder: Literal["hashing", "minilm", "none"] = "hashing"
@@ -288,7 +291,8 @@ def sft_set(s: PrepareSettings, selection: Selection, trajectories: list[Convers
                     stats.skipped[why] += 1
                     continue
                 pair = SFTPair(tuple({"role": m["role"], "content": m["content"]} for m in agent.messages), target)
-                pair = fit_pair(tokenizer, pair, conv.sessions[record.session_index], s.max_length, s.overlong, stats)
+                pair = fit_pair(tokenizer, pair, conv.sessions[record.session_index], s.max_length, s.overlong, stats,
+                                s.chat_template_kwargs)
                 if pair is not None:
                     pairs.append(pair)
     stats.written = write_sft(Path(s.out) / "sft.jsonl", pairs)
@@ -425,6 +429,16 @@ def prepare_world(out_dir: str | Path, *, seed: int = 0, conversations: int = WO
 # --- command line ---------------------------------------------------------------------------------------
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> PrepareSettings:
     p = argparse.ArgumentParser(prog="python trainers/prepare_data.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -441,6 +455,9 @@ def parse_args(argv: list[str] | None = None) -> PrepareSettings:
     p.add_argument("--max-length", type=int, default=8192, help="SFT pair limit in policy tokens (0: none)")
     p.add_argument("--overlong", choices=("shorten", "skip"), default="shorten",
                    help="an SFT pair over --max-length: cut its session in the middle, or skip it")
+    p.add_argument("--chat-template-kwargs", type=_json_object, metavar="JSON",
+                   help='chat-template options SFT will use (its data.chat_template_kwargs), e.g. '
+                        '\'{"enable_thinking": false}\': pair lengths are counted with them')
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of conversations held out of RL")
     p.add_argument("--seed", type=int, default=0, help="seed of the train / heldout split")
     p.add_argument("--embedder", choices=("hashing", "minilm", "none"), default="hashing",

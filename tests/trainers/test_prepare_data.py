@@ -584,3 +584,27 @@ def test_every_sft_target_of_the_whole_bundled_world_passes_the_rl_validity_gate
 def test_cli_refuses_a_world_expert_on_locomo(capsys, tmp_path):
     assert main(["--dataset", "locomo", "--expert", "world", "--out", str(tmp_path)]) == 2
     assert "--expert world works only with --dataset world" in capsys.readouterr().err
+
+
+def test_pair_lengths_are_counted_with_the_chat_template_options_sft_will_use():
+    from tests.trainers.test_sft_data import _base_model_tokenizer
+    from trainers.data.sft_set import pair_tokens
+    from trainers.prepare_data import parse_args
+    from trainers.sft_data import SFTPair
+
+    # ChatML with a template option that adds a line before the conversation.
+    template = (
+        "{%- if no_think is defined and no_think %}{{- '/no_think\\n' }}{%- endif %}"
+        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    tok = _base_model_tokenizer(template)
+    pair = SFTPair(({"role": "user", "content": "hi"},), "ok")
+    extra = len(tok("/no_think\n", add_special_tokens=False)["input_ids"])
+    assert extra > 0
+    assert pair_tokens(tok, pair, {"no_think": True}) == pair_tokens(tok, pair) + extra
+    s = parse_args(["--dataset", "world", "--expert", "world", "--out", "x",
+                    "--chat-template-kwargs", '{"enable_thinking": false}'])
+    assert s.chat_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", "world", "--out", "x", "--chat-template-kwargs", "[1]"])

@@ -78,8 +78,9 @@ def expert_target(record: AgentRecord, state: BankState) -> tuple[str | None, st
     return parsed.json_text, None
 
 
-def pair_tokens(tokenizer, pair: SFTPair) -> int:
-    prompt_ids, target_ids = render_pair(tokenizer, pair)
+def pair_tokens(tokenizer, pair: SFTPair, chat_template_kwargs: dict | None = None) -> int:
+    """Tokens of the pair as SFT renders it (with the same chat-template options)."""
+    prompt_ids, target_ids = render_pair(tokenizer, pair, chat_template_kwargs)
     return len(prompt_ids) + len(target_ids)
 
 
@@ -110,7 +111,8 @@ def _middle_cut(blocks: list[str], keep: int, turn_ids: Sequence[str]) -> str:
     return "\n".join(blocks[:head] + [marker] + (blocks[len(blocks) - tail:] if tail else []))
 
 
-def shorten_pair(tokenizer, pair: SFTPair, session: Session, max_length: int) -> SFTPair | None:
+def shorten_pair(tokenizer, pair: SFTPair, session: Session, max_length: int,
+                 chat_template_kwargs: dict | None = None) -> SFTPair | None:
     """`pair` with its session transcript cut in the middle so that it fits in `max_length` tokens,
     keeping as many turns as fit (half from the start, half from the end); None if impossible."""
     messages = [dict(m) for m in pair.messages]
@@ -137,11 +139,11 @@ def shorten_pair(tokenizer, pair: SFTPair, session: Session, max_length: int) ->
         return SFTPair(tuple(msgs), pair.target)
 
     lo, hi = 0, len(blocks) - 1  # fewer than all blocks: something must go
-    if pair_tokens(tokenizer, with_keep(0)) > max_length:
+    if pair_tokens(tokenizer, with_keep(0), chat_template_kwargs) > max_length:
         return None
     while lo < hi:  # the most turns that fit; token counts grow with `keep`
         mid = (lo + hi + 1) // 2
-        if pair_tokens(tokenizer, with_keep(mid)) <= max_length:
+        if pair_tokens(tokenizer, with_keep(mid), chat_template_kwargs) <= max_length:
             lo = mid
         else:
             hi = mid - 1
@@ -149,14 +151,15 @@ def shorten_pair(tokenizer, pair: SFTPair, session: Session, max_length: int) ->
 
 
 def fit_pair(tokenizer, pair: SFTPair, session: Session, max_length: int | None, overlong: Overlong,
-             stats: SFTStats) -> SFTPair | None:
-    """`pair` as it goes into the set (shortened if needed), or None (skipped, counted in `stats`)."""
-    if max_length is None or pair_tokens(tokenizer, pair) <= max_length:
+             stats: SFTStats, chat_template_kwargs: dict | None = None) -> SFTPair | None:
+    """`pair` as it goes into the set (shortened if needed), or None (skipped, counted in `stats`).
+    Lengths are counted as SFT will render the pair: pass the run's `data.chat_template_kwargs`."""
+    if max_length is None or pair_tokens(tokenizer, pair, chat_template_kwargs) <= max_length:
         return pair
     if overlong == "skip":
         stats.skipped[f"longer than {max_length} tokens"] += 1
         return None
-    short = shorten_pair(tokenizer, pair, session, max_length)
+    short = shorten_pair(tokenizer, pair, session, max_length, chat_template_kwargs)
     if short is None:
         stats.skipped[f"longer than {max_length} tokens even with the whole session left out"] += 1
         return None
