@@ -41,6 +41,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.procmem import reset_peak, rss_kib
+
 G = 8
 DEFAULT_CASES = [(1500, 150), (4000, 300)]  # prompt length : answer length
 MODES = ["packed", "packed-mask", "plain"]
@@ -62,20 +64,6 @@ MIB = 2**20
 
 
 # ----------------------------------------------------------------------------- worker side
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    # Writing 5 to clear_refs resets VmHWM to the current resident set (Linux >= 4.0).
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 class _SharedPromptStep:
@@ -160,10 +148,10 @@ def shared_prompt_memory_worker(mode: str, prompt_len: int, answer_len: int) -> 
     case = _SharedPromptStep(prompt_len, answer_len)
     case.run(mode)  # warm-up, as in the timing runs
     case.model.zero_grad(set_to_none=True)
-    base_kib = _rss_kib("VmRSS")
-    _reset_peak()
+    base_kib = rss_kib("VmRSS")
+    reset_peak()
     case.run(mode)
-    return {"peak_bytes": (_rss_kib("VmHWM") - base_kib) * 1024}
+    return {"peak_bytes": (rss_kib("VmHWM") - base_kib) * 1024}
 
 
 # ----------------------------------------------------------------------------- parent side

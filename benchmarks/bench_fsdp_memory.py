@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.procmem import reset_peak, rss_kib
+
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("every_micro_batch", "last_micro_batch")
 GRAD_HEADING = "## Gradient accumulation under FSDP2"
@@ -77,18 +79,6 @@ def qwen3_params(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: 
 # ----------------------------------------------------------------------------- worker side
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    # Writing 5 to clear_refs resets VmHWM to the current resident set (Linux >= 4.0).
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def _rchar() -> int:
     for line in Path("/proc/self/io").read_text().splitlines():
         if line.startswith("rchar:"):
@@ -110,8 +100,8 @@ def _timed_step(trainer, global_batch: list[int]) -> dict:
         return optimizer_step(*args, **kwargs)
 
     trainer.optimizer.step = step
-    _reset_peak()
-    rss_before = _status_kib("VmRSS")
+    reset_peak()
+    rss_before = rss_kib("VmRSS")
     started = time.perf_counter()
     try:
         trainer.train_step(global_batch)
@@ -123,8 +113,8 @@ def _timed_step(trainer, global_batch: list[int]) -> dict:
         "seconds": elapsed,
         "grad_bytes_max": max(h["sharded"] + h["unsharded"] for h in held),
         "unsharded_max": max(h["unsharded"] for h in held),
-        "step_peak_kib": _status_kib("VmHWM") - rss_before,
-        "hwm_kib": _status_kib("VmHWM"),
+        "step_peak_kib": rss_kib("VmHWM") - rss_before,
+        "hwm_kib": rss_kib("VmHWM"),
     }
 
 
@@ -170,12 +160,12 @@ def _legacy_copy(trainer, checkpoint: Path, legacy: Path) -> None:
 def _measure_load(trainer, checkpoint: Path) -> dict:
     from trainers.checkpoint import load_checkpoint
 
-    _reset_peak()
-    rss_before, rchar_before = _status_kib("VmRSS"), _rchar()
+    reset_peak()
+    rss_before, rchar_before = rss_kib("VmRSS"), _rchar()
     load_checkpoint(
         checkpoint, model=trainer.unwrapped_model, optimizer=trainer.torch_optimizer, scheduler=trainer.scheduler
     )
-    return {"rchar": _rchar() - rchar_before, "peak_kib": _status_kib("VmHWM") - rss_before}
+    return {"rchar": _rchar() - rchar_before, "peak_kib": rss_kib("VmHWM") - rss_before}
 
 
 def _tensor_bytes(trainer) -> dict:

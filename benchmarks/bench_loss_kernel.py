@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.procmem import reset_peak, rss_kib
 from benchmarks.report import replace_section
 
 H = 576
@@ -102,20 +103,6 @@ def estimate_bytes(method: str, n: int, vocab: int, chunk: int, dtype: str = "fp
 
 
 # ----------------------------------------------------------------------------- worker side
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    # Writing 5 to clear_refs resets VmHWM to the current resident set (Linux >= 4.0).
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _make_inputs(n: int, vocab: int, seed: int = 0):
@@ -209,13 +196,13 @@ def worker(method: str, n: int, vocab: int, chunk: int | None, grads_to: str | N
     for i in (0, 1):  # h and W in the asked dtype, still leaves of the graph
         inputs[i] = inputs[i].detach().to(cast).requires_grad_(True)
     hidden, weight = inputs[0], inputs[1]
-    base_kib = _rss_kib("VmRSS")
-    _reset_peak()
+    base_kib = rss_kib("VmRSS")
+    reset_peak()
     start = time.perf_counter()
     loss = run(*inputs)
     loss.backward()
     elapsed = time.perf_counter() - start
-    peak_kib = _rss_kib("VmHWM")
+    peak_kib = rss_kib("VmHWM")
     if grads_to:
         torch.save({"hidden": hidden.grad, "weight": weight.grad, "loss": loss.item()}, grads_to)
     return {"peak_bytes": (peak_kib - base_kib) * 1024, "time": elapsed, "loss": loss.item()}

@@ -50,6 +50,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.procmem import reset_peak, rss_kib
 from benchmarks.report import replace_section
 
 HEADING = "## SFT head memory"
@@ -102,20 +103,6 @@ def estimate_bytes(method: str, batch: int, prompt: int, hidden: int, dtype: str
 # ----------------------------------------------------------------------------- worker side
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    # Writing 5 to clear_refs resets VmHWM to the current resident set (Linux >= 4.0).
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _build_model(hidden: int, dtype: str, seed: int = 0):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -164,13 +151,13 @@ def worker(method: str, batch: int, prompt: int, hidden: int, dtype: str, thread
     _loss(method, model, *_inputs(1, 16)).backward()
     model.zero_grad(set_to_none=True)
     ids, mask, labels = _inputs(batch, prompt)
-    base_kib = _rss_kib("VmRSS")
-    _reset_peak()
+    base_kib = rss_kib("VmRSS")
+    reset_peak()
     start = time.perf_counter()
     loss = _loss(method, model, ids, mask, labels)
     loss.backward()
     elapsed = time.perf_counter() - start
-    peak_kib = _rss_kib("VmHWM")
+    peak_kib = rss_kib("VmHWM")
     return {"peak_bytes": (peak_kib - base_kib) * 1024, "time": elapsed, "loss": loss.item()}
 
 
