@@ -253,12 +253,14 @@ def report_results(cfg: Any, *, draw: bool = True, extra: dict[str, Path | None]
     tensorboard = f" (TensorBoard: {out / 'tensorboard'})" if (out / "tensorboard").is_dir() else ""
     lines = [f"metrics: {metrics}{tensorboard}" if metrics.is_file() else "metrics: none written"]
     curves = out / "training_curves.png"
+    curves_line = f"training curves: {curves}" if curves.is_file() else "training curves: none (no metrics)"
     if draw:
         try:
-            curves = plot_training_curves(out)
-        except PlotError:
-            pass  # no step was logged: there is nothing to draw, and the line below says so
-    lines.append(f"training curves: {curves}" if curves.is_file() else "training curves: none (no metrics)")
+            curves_line = f"training curves: {plot_training_curves(out)}"
+        except PlotError as exc:
+            # No step logged, or a damaged metrics file: the run's result stands, the line says why.
+            curves_line = f"training curves: none ({exc})"
+    lines.append(curves_line)
     lines += [f"{name}: {path if path is not None else 'none'}" for name, path in (extra or {}).items()]
     checkpoint = latest_checkpoint(out / "checkpoints")
     lines.append(
