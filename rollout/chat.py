@@ -129,23 +129,26 @@ def check_length(prompt_ids: Sequence[int], max_tokens: int, max_model_len: int)
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Prompt],
-    max_tokens: int,
+    max_tokens: int | Sequence[int],
     *,
     vocab_size: int,
     max_model_len: int,
     chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[list[int]]:
     """Token ids of every prompt, rendered the same way for all backends, each checked to leave
-    room for `max_tokens` new tokens inside `max_model_len`."""
-    ids = [
-        render_prompt(
-            tokenizer, p, vocab_size=vocab_size, chat_template_kwargs=chat_template_kwargs, max_model_len=max_model_len
+    room for its `max_tokens` (one for all, or one per prompt) new tokens inside `max_model_len`."""
+    budgets = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(budgets)} max_tokens values for {len(prompts)} prompts")
+    out = []
+    for prompt, budget in zip(prompts, budgets, strict=True):
+        ids = render_prompt(
+            tokenizer, prompt, vocab_size=vocab_size, max_model_len=max_model_len,
+            chat_template_kwargs=chat_template_kwargs,
         )
-        for p in prompts
-    ]
-    for one in ids:
-        check_length(one, max_tokens, max_model_len)
-    return ids
+        check_length(ids, budget, max_model_len)
+        out.append(ids)
+    return out
 
 
 def finish_completion(

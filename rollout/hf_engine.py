@@ -45,7 +45,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from rollout.chat import check_length, eos_token_ids, finish_completion, render_prompt
+from rollout.chat import encode_prompts, eos_token_ids, finish_completion
 from rollout.types import (
     MAX_SEED,
     Completion,
@@ -185,14 +185,10 @@ class HFEngine:
         if not prompts:
             return []
         per_prompt = per_prompt_params(params, len(prompts))
-        prompt_ids = []
-        for prompt, p in zip(prompts, per_prompt, strict=True):
-            ids = render_prompt(
-                self.tokenizer, prompt, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
-                chat_template_kwargs=self.chat_template_kwargs,
-            )
-            check_length(ids, p.max_tokens, self.max_model_len)
-            prompt_ids.append(ids)
+        prompt_ids = encode_prompts(
+            self.tokenizer, prompts, [p.max_tokens for p in per_prompt], vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len, chat_template_kwargs=self.chat_template_kwargs,
+        )
         seeds = [
             int(torch.randint(0, MAX_SEED + 1 - p.n, ())) if s is None else s
             for s, p in zip(prompt_seeds(per_prompt, prompt_ids), per_prompt, strict=True)

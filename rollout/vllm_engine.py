@@ -74,7 +74,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from rollout.chat import check_length, eos_token_ids, finish_completion, render_prompt
+from rollout.chat import encode_prompts, eos_token_ids, finish_completion
 from rollout.nucleus import TOP_P_KEY, make_vllm_processor
 from rollout.types import (
     Completion,
@@ -303,14 +303,10 @@ class VLLMEngine:
         if not prompts:
             return []
         per_prompt = per_prompt_params(params, len(prompts))
-        prompt_ids = []
-        for prompt, p in zip(prompts, per_prompt, strict=True):
-            ids = render_prompt(
-                self.tokenizer, prompt, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
-                chat_template_kwargs=self.chat_template_kwargs,
-            )
-            check_length(ids, p.max_tokens, self.max_model_len)
-            prompt_ids.append(ids)
+        prompt_ids = encode_prompts(
+            self.tokenizer, prompts, [p.max_tokens for p in per_prompt], vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len, chat_template_kwargs=self.chat_template_kwargs,
+        )
         seeds = prompt_seeds(per_prompt, prompt_ids)
         vllm_params = [self._vllm_params(p, seed) for p, seed in zip(per_prompt, seeds, strict=True)]
         version = self.weight_version
