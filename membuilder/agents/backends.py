@@ -88,18 +88,25 @@ class DetailedAgentBackend(ABC):
         return self.generate_reply(kind, messages, context=context).text
 
 
-def run_backend(backend: AgentBackend, kind: MemoryKind, messages: list[dict], context: AgentContext) -> AgentReply:
-    """Call any backend and return an `AgentReply` (exceptions propagate)."""
-    if isinstance(backend, DetailedAgentBackend):
-        reply = backend.generate_reply(kind, messages, context=context)
+def reply_of(backend, key, messages: list[dict], context, *, detailed: bool) -> AgentReply:
+    """`backend`'s answer to one prompt as an `AgentReply`, checked for type: `generate_reply` of a
+    detailed backend, or `generate`'s text (exceptions propagate). `key` is the agent's memory
+    kind or the role; shared by every agent set's backends."""
+    if detailed:
+        reply = backend.generate_reply(key, messages, context=context)
         if not isinstance(reply, AgentReply):
             raise AgentGenerationError(f"backend {backend.name!r} returned {type(reply).__name__}, not an AgentReply")
         return reply
-    text = backend.generate(kind, messages, context=context)
+    text = backend.generate(key, messages, context=context)
     if not isinstance(text, str):
         raise AgentGenerationError(f"backend {getattr(backend, 'name', backend)!r} returned "
                                    f"{type(text).__name__}, not text")
     return AgentReply(text)
+
+
+def run_backend(backend: AgentBackend, kind: MemoryKind, messages: list[dict], context: AgentContext) -> AgentReply:
+    """Call any backend and return an `AgentReply` (exceptions propagate)."""
+    return reply_of(backend, kind, messages, context, detailed=isinstance(backend, DetailedAgentBackend))
 
 
 REPAIR_MESSAGE = ("Your answer could not be used: {error}. Answer again with only the JSON object, "

@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
-from membuilder.agents.backends import AgentGenerationError, AgentReply
+from membuilder.agents.backends import AgentGenerationError, AgentReply, reply_of
 from membuilder.agents.expert import normalise
 from membuilder.datasets import Session, SessionAnnotation
 from membuilder.llm import LLMClient, LLMError
@@ -100,16 +100,7 @@ def run_role_backend(backend: RoleBackend, role: str, messages: list[dict], cont
     """Call any backend and return an `AgentReply` (exceptions propagate)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
-    if isinstance(backend, DetailedRoleBackend):
-        reply = backend.generate_reply(role, messages, context=context)
-        if not isinstance(reply, AgentReply):
-            raise AgentGenerationError(f"backend {backend.name!r} returned {type(reply).__name__}, not an AgentReply")
-        return reply
-    text = backend.generate(role, messages, context=context)
-    if not isinstance(text, str):
-        raise AgentGenerationError(f"backend {getattr(backend, 'name', backend)!r} returned "
-                                   f"{type(text).__name__}, not text")
-    return AgentReply(text)
+    return reply_of(backend, role, messages, context, detailed=isinstance(backend, DetailedRoleBackend))
 
 
 def _usable(role: str, text: str, context: RoleContext) -> tuple[bool, str | None]:
