@@ -75,10 +75,8 @@ from trainers.episodes import Episodes, EpisodeSource, SessionEpisodes, SourceCo
 from trainers.distributed import (
     all_reduce_sum,
     barrier,
-    exit_launched_process,
     make_accelerator,
     shard_frozen_model,
-    shutdown,
 )
 from trainers.engines import build_engine, build_reward, connect_remote_weights, push_weights
 from trainers.metrics import MetricsLogger, progress_bar
@@ -86,13 +84,12 @@ from trainers.optim import build_optimizer, build_scheduler
 from trainers.packing import enable_shared_prompt_attention
 from trainers.recipe import base_model_path
 from trainers.run_dir import (
-    USER_ERRORS,
-    finished_before_start,
+    add_run_flags,
     finished_message,
-    quiet_library_bars,
     report_results,
+    run_command,
+    run_overrides,
     start_run,
-    user_error_exit,
 )
 from trainers.rl_batch import (
     RLSession,
@@ -433,45 +430,17 @@ def parse_args(argv: list[str] | None = None) -> ADRPOConfig:
     parser.add_argument(
         "--config", default=str(EMBEDDED_DEFAULT), help="JSON, TOML or YAML config (default: %(default)s)"
     )
-    parser.add_argument("--resume", metavar="DIR|latest", help="checkpoint folder, or 'latest' under the output dir")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace the run already in the output dir (checkpoint.overwrite=true)"
-    )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (logging.progress_bar=false); the summary stays"
-    )
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=1e-6")
+    add_run_flags(parser)
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
-    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-    overrides += ["checkpoint.overwrite=true"] if args.overwrite else []
-    overrides += ["logging.progress_bar=false"] if args.no_progress else []
     try:
-        return load_config(ADRPOConfig, args.config, overrides)
+        return load_config(ADRPOConfig, args.config, run_overrides(args))
     except ConfigError as exc:
         parser.error(str(exc))
 
 
 def main(argv: list[str] | None = None, *, exit_process: bool = False) -> None:
-    """The command line; `exit_process` ends a launched worker cleanly (see `exit_launched_process`).
-    A user error (a bad config, an output dir that holds another run) prints one line and its
-    cause and exits with status 2; a resumed run that is already finished says so and exits 0."""
-    cfg = parse_args(argv)
-    quiet_library_bars()
-    try:
-        if not finished_before_start(cfg):
-            train(cfg)
-    except USER_ERRORS as exc:
-        shutdown()
-        code = user_error_exit("adrpo.py", exc)
-        if exit_process:
-            exit_launched_process(code)
-        raise SystemExit(code) from None
-    except BaseException:
-        shutdown(failed=True)
-        raise
-    if exit_process:
-        exit_launched_process(0)
-    shutdown()
+    """The command line (`trainers.run_dir.run_command`: user errors in one line, exit status 2)."""
+    run_command("adrpo.py", parse_args(argv), train, exit_process=exit_process)
 
 
 if __name__ == "__main__":

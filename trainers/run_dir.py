@@ -290,3 +290,57 @@ def user_error_exit(prog: str, exc: BaseException) -> int:
     """Print a user error as `prog: error: ...` (plus its cause) on stderr; returns exit status 2."""
     print(f"{prog}: error: {describe_error(exc)}", file=sys.stderr, flush=True)
     return 2
+
+
+# --- the command line both trainers share -----------------------------------------------------------------
+
+
+def add_run_flags(parser) -> None:
+    """The flags every trainer's command line has: --resume, --overwrite, --no-progress, and
+    `section.key=value` overrides (before or after the flags, with `parse_intermixed_args`)."""
+    parser.add_argument("--resume", metavar="DIR|latest", help="checkpoint folder, or 'latest' under the output dir")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in the output dir (checkpoint.overwrite=true)"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (logging.progress_bar=false); the summary stays"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=1e-6")
+
+
+def run_overrides(args) -> list[str]:
+    """The overrides the shared flags stand for, after the positional ones."""
+    overrides = list(args.overrides)
+    overrides += [f"checkpoint.resume={args.resume}"] if args.resume else []
+    overrides += ["checkpoint.overwrite=true"] if args.overwrite else []
+    overrides += ["logging.progress_bar=false"] if args.no_progress else []
+    return overrides
+
+
+def run_command(prog: str, cfg: Any, train, *, exit_process: bool = False) -> None:
+    """Run `train(cfg)` as a trainer's command line does.
+
+    A resumed run that is already finished says so and returns. A user error (a bad config, an
+    output dir that holds another run) prints one line and its cause and exits with status 2.
+    Any other error tears the process group down without a barrier (the other processes may be
+    inside a collective) and propagates. `exit_process` (the scripts) ends the process after a
+    successful run with `exit_launched_process`, which avoids an abort in gloo's teardown.
+    """
+    from trainers.distributed import exit_launched_process, shutdown
+
+    quiet_library_bars()
+    try:
+        if not finished_before_start(cfg):
+            train(cfg)
+    except USER_ERRORS as exc:
+        shutdown()
+        code = user_error_exit(prog, exc)
+        if exit_process:
+            exit_launched_process(code)
+        raise SystemExit(code) from None
+    except BaseException:
+        shutdown(failed=True)
+        raise
+    if exit_process:
+        exit_launched_process(0)
+    shutdown()

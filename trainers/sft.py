@@ -55,9 +55,7 @@ from trainers.config import ConfigError, SFTConfig, load_config
 from trainers.distributed import (
     accumulation_sync,
     all_reduce_sum,
-    exit_launched_process,
     make_accelerator,
-    shutdown,
 )
 from trainers.fused_loss import fused_token_nll
 from trainers.logprobs import DEFAULT_CHUNK_SIZE, lm_head_params
@@ -65,13 +63,12 @@ from trainers.metrics import MetricsLogger, progress_bar
 from trainers.optim import build_optimizer, build_scheduler
 from trainers.recipe import base_model_path
 from trainers.run_dir import (
-    USER_ERRORS,
-    finished_before_start,
+    add_run_flags,
     finished_message,
-    quiet_library_bars,
     report_results,
+    run_command,
+    run_overrides,
     start_run,
-    user_error_exit,
 )
 from trainers.sft_data import (
     stop_at_end_of_turn,
@@ -368,26 +365,9 @@ def parse_args(argv: list[str] | None = None) -> SFTConfig:
     parser = argparse.ArgumentParser(description="Supervised fine-tuning on chat (prompt, target) pairs.")
     parser.add_argument("--config", help="JSON, TOML or YAML file with the config sections")
     parser.add_argument("--data", help="JSONL file of pairs (same as data.path=...)")
-    parser.add_argument(
-        "--resume", metavar="DIR|latest", help="checkpoint folder to resume from, or 'latest' under the output dir"
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace the run already in the output dir (checkpoint.overwrite=true)"
-    )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (logging.progress_bar=false); the summary stays"
-    )
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=1e-4")
+    add_run_flags(parser)
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.path={args.data}")
-    if args.resume:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    if args.overwrite:
-        overrides.append("checkpoint.overwrite=true")
-    if args.no_progress:
-        overrides.append("logging.progress_bar=false")
+    overrides = run_overrides(args) + ([f"data.path={args.data}"] if args.data else [])
     try:
         return load_config(SFTConfig, args.config, overrides)
     except ConfigError as exc:
@@ -395,27 +375,8 @@ def parse_args(argv: list[str] | None = None) -> SFTConfig:
 
 
 def main(argv: list[str] | None = None, *, exit_process: bool = False) -> None:
-    """The command line. `exit_process` (the script) ends the process after a successful run with
-    `exit_launched_process`, which avoids an abort in gloo's teardown at interpreter exit. A user
-    error (a bad config, an output dir that holds another run) prints one line and its cause and
-    exits with status 2; a resumed run that is already finished says so and exits 0."""
-    cfg = parse_args(argv)
-    quiet_library_bars()
-    try:
-        if not finished_before_start(cfg):
-            train(cfg)
-    except USER_ERRORS as exc:
-        shutdown()
-        code = user_error_exit("sft.py", exc)
-        if exit_process:
-            exit_launched_process(code)
-        raise SystemExit(code) from None
-    except BaseException:
-        shutdown(failed=True)
-        raise
-    if exit_process:
-        exit_launched_process(0)
-    shutdown()
+    """The command line (`trainers.run_dir.run_command`: user errors in one line, exit status 2)."""
+    run_command("sft.py", parse_args(argv), train, exit_process=exit_process)
 
 
 if __name__ == "__main__":
