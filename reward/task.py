@@ -114,15 +114,21 @@ def run_calls(single: Callable[[Any], Any], batch: Callable[[list], list] | None
     return [r for chunk in results for r in chunk] if batch is not None else results
 
 
+def _distinct(keys: Sequence[Hashable], items: Sequence) -> tuple[dict[Hashable, int], list]:
+    """The first item of each key, in order, and each key's index among them (work done once)."""
+    unique: dict[Hashable, int] = {}
+    todo = []
+    for key, item in zip(keys, items, strict=True):
+        if key not in unique:
+            unique[key] = len(todo)
+            todo.append(item)
+    return unique, todo
+
+
 def answer_all(answerer, jobs: Sequence[tuple[Question, AnswerContext]], config: RewardConfig) -> list[str | CallFailure]:
     """One answer (or failure) per (question, context); identical contexts are answered once."""
     keys = [context_key(q, c) for q, c in jobs]
-    unique: dict[Hashable, int] = {}
-    todo = []
-    for key, job in zip(keys, jobs):
-        if key not in unique:
-            unique[key] = len(todo)
-            todo.append(job)
+    unique, todo = _distinct(keys, jobs)
     batch = getattr(answerer, "answer_batch", None)
     out = run_calls(lambda job: answerer.answer(job[0], job[1]),
                     None if batch is None else (lambda chunk: batch([q for q, _ in chunk], [c for _, c in chunk])),
@@ -136,12 +142,7 @@ def answer_all(answerer, jobs: Sequence[tuple[Question, AnswerContext]], config:
 def judge_all(judge, items: Sequence[tuple[Question, str]], config: RewardConfig) -> list[bool | CallFailure]:
     """One verdict (True / False, or failure) per (question, answer); duplicates judged once."""
     keys = [(q.question_id, q.question, q.answer, q.is_abstention, a) for q, a in items]
-    unique: dict[Hashable, int] = {}
-    todo = []
-    for key, item in zip(keys, items):
-        if key not in unique:
-            unique[key] = len(todo)
-            todo.append(item)
+    unique, todo = _distinct(keys, items)
     batch = getattr(judge, "judge_batch", None)
     out = run_calls(lambda item: judge.judge(item[0], item[1]),
                     None if batch is None else (lambda chunk: batch([q for q, _ in chunk], [a for _, a in chunk])),
