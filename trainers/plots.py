@@ -68,6 +68,12 @@ def _pyplot():
     return plt
 
 
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)  # steps are whole numbers: no 1.2, 1.4 ticks on short runs
+
+
 def _save(fig, png_path: str | Path) -> Path:
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +92,7 @@ def plot_reward_curves(metrics_path: str | Path, png_path: str | Path, title: st
         if steps:
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=label)
     ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_ylabel("mean over the step's samples")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -119,6 +126,7 @@ def plot_training_curves(run: str | Path, png_path: str | Path | None = None, ti
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=label)
         ax.set_title(panel)
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(_integer_ticks())
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if len(curves) > 1:
